@@ -1,0 +1,115 @@
+"""Two reports side by side: is B's acceptance or speedup really different from A's?
+
+Entries are matched by (category, temperature, k, batch size), the pooled ``overall`` entries
+included. For the acceptance rate, the acceptance length and the measured speedup, each row gives
+A, B, the difference B - A and its 95% interval from an independent two-sample bootstrap over
+each report's units (:func:`.stats.metric_diff_ci`); the difference is ``significant`` when the
+interval excludes 0. Differences in what was compared (target, draft, bench, engine) are noted.
+"""
+
+from __future__ import annotations
+
+from deepspec_plugin.bench import stats
+from deepspec_plugin.errors import DspecError
+
+OVERALL = "overall"
+
+
+def _entries(report: dict) -> dict[tuple, dict]:
+    return {
+        (e["category"], e["temperature"], e["k"], e["batch_size"]): e
+        for e in [*report.get("results", []), *report.get("overall", [])]
+    }
+
+
+def comparison_notes(a: dict, b: dict) -> list[str]:
+    """What differs between the two runs besides the numbers."""
+    notes = []
+    for role in ("target", "draft"):
+        ma, mb = (a.get("models") or {}).get(role), (b.get("models") or {}).get(role)
+        fa, fb = (ma or {}).get("fingerprint"), (mb or {}).get("fingerprint")
+        if fa != fb:
+            notes.append(f"{role}s differ: A {fa or 'none'} ({(ma or {}).get('path', '-')}), "
+                         f"B {fb or 'none'} ({(mb or {}).get('path', '-')})")
+    if a.get("bench") != b.get("bench"):
+        keys = sorted(k for k in set(a.get("bench", {})) | set(b.get("bench", {}))
+                      if a.get("bench", {}).get(k) != b.get("bench", {}).get(k))
+        notes.append(f"benches differ in {', '.join(keys)}")
+    ea, eb = (a.get("engine") or {}).get("name"), (b.get("engine") or {}).get("name")
+    if ea != eb:
+        notes.append(f"engines differ: A {ea}, B {eb}")
+    for name, r in (("A", a), ("B", b)):
+        if not r.get("complete"):
+            notes.append(f"report {name} is partial (complete: false)")
+    only_a = sorted(set(_entries(a)) - set(_entries(b)), key=str)
+    only_b = sorted(set(_entries(b)) - set(_entries(a)), key=str)
+    if only_a:
+        notes.append(f"{len(only_a)} entries only in A, e.g. {_key_text(only_a[0])}")
+    if only_b:
+        notes.append(f"{len(only_b)} entries only in B, e.g. {_key_text(only_b[0])}")
+    return notes
+
+
+def _key_text(key: tuple) -> str:
+    c, t, k, b = key
+    return f"{c} T={t:g} k={k} batch={b}"
+
+
+def compare_reports(a: dict, b: dict) -> list[dict]:
+    """One row per matched entry and metric; every row carries the comparison's ``notes``."""
+    ea, eb = _entries(a), _entries(b)
+    keys = [key for key in ea if key in eb]
+    if not keys:
+        raise DspecError(
+            "the two reports share no (category, temperature, k, batch size) entry",
+            "compare reports of the same bench (or overlapping overrides)",
+        )
+    notes = comparison_notes(a, b)
+    rows = []
+    for key in keys:
+        x, y = ea[key], eb[key]
+        category, temperature, k, batch_size = key
+        for metric in stats.CI_METRICS:
+            va, vb = x.get(metric), y.get(metric)
+            diff = vb - va if va is not None and vb is not None else None
+            ci = None
+            if diff is not None and x.get("units") and y.get("units"):
+                ci = stats.metric_diff_ci(x["units"], y["units"], metric,
+                                          stratify=category == OVERALL)
+            rows.append({
+                "category": category,
+                "temperature": temperature,
+                "k": k,
+                "batch_size": batch_size,
+                "metric": metric,
+                "a": va,
+                "b": vb,
+                "difference": diff,
+                "ci95": ci,
+                "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0)),
+                "notes": notes,
+            })
+    return rows
+
+
+def render_comparison(rows: list[dict]):
+    """A rich Table of the rows; the comparison's notes go into its caption."""
+    from rich.table import Table
+
+    def num(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    notes = rows[0]["notes"] if rows else []
+    table = Table(title="B vs A", caption="\n".join(notes) if notes else None)
+    for col in ("category", "T", "k", "batch", "metric", "A", "B", "B - A [95% CI]", "significant"):
+        table.add_column(col, justify="left" if col in ("category", "metric") else "right")
+    for r in rows:
+        diff = num(r["difference"], 4)
+        if r["ci95"]:
+            diff += f" [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
+        table.add_row(
+            r["category"], f"{r['temperature']:g}", str(r["k"]), str(r["batch_size"]),
+            r["metric"], num(r["a"]), num(r["b"]), diff,
+            "[bold]yes[/bold]" if r["significant"] else "no",
+        )
+    return table

@@ -1,0 +1,135 @@
+"""Confidence intervals for pooled metrics: percentile bootstrap over units.
+
+A **unit** is one measured batch (with batch size 1, one prompt): its raw counts, new tokens and
+times, as stored in a report's ``units``. Units are the independent pieces of a run, so they are
+what the bootstrap resamples (with replacement, 2000 times, fixed seed). Each resample pools its
+units' additive quantities and recomputes the metric from the pooled sums with the functions of
+:mod:`deepspec_plugin.metrics`, exactly as the point estimate is computed. The 95% interval is the
+2.5th to 97.5th percentile of the resampled values.
+
+* Speedup is **paired**: a unit's speculative and baseline numbers are resampled together (they
+  ran back to back on the same prompts), which keeps machine drift out of the interval.
+* Pooled entries across categories resample **within** each category (stratified), so the mix of
+  categories stays that of the bench.
+* A difference between two reports (``compare``) resamples each report's units independently and
+  takes the percentile interval of the differences.
+
+numpy is imported lazily: the CLI imports this module without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from deepspec_plugin import metrics
+from deepspec_plugin.metrics import SpecCounts
+
+RESAMPLES = 2000
+SEED = 20240601
+CONFIDENCE = 0.95
+CI_METRICS = ("acceptance_rate", "acceptance_length", "speedup")
+
+
+def tokens_per_s(new_tokens: float, elapsed_s: float) -> float | None:
+    """Throughput of a run: new tokens over wall time; None without time."""
+    return new_tokens / elapsed_s if elapsed_s and elapsed_s > 0 else None
+
+
+# Each metric: the additive quantities of one unit, and the metric of pooled quantities.
+def _counts_vector(u: dict) -> list[float]:
+    c = u["counts"]
+    return [c["num_accepted_tokens"], c["num_draft_tokens"], c["num_drafts"]]
+
+
+def _counts_from(s) -> SpecCounts:
+    return SpecCounts(num_accepted_tokens=int(round(s[0])), num_draft_tokens=int(round(s[1])),
+                      num_drafts=int(round(s[2])))
+
+
+def _speed_vector(u: dict) -> list[float] | None:
+    if u.get("baseline_elapsed_s") is None:
+        return None
+    return [u["new_tokens"], u["elapsed_s"], u["baseline_new_tokens"], u["baseline_elapsed_s"]]
+
+
+def _speedup_of(s) -> float | None:
+    spec, plain = tokens_per_s(s[0], s[1]), tokens_per_s(s[2], s[3])
+    return metrics.speedup(spec, plain) if spec is not None and plain else None
+
+
+_METRICS: dict[str, tuple[Callable[[dict], list[float] | None], Callable]] = {
+    "acceptance_rate": (_counts_vector, lambda s: metrics.acceptance_rate(_counts_from(s))),
+    "acceptance_length": (_counts_vector, lambda s: metrics.acceptance_length(_counts_from(s))),
+    "speedup": (_speed_vector, _speedup_of),
+}
+
+
+def pooled_metric(units: Sequence[dict], metric: str) -> float | None:
+    """The metric of all units pooled (the point estimate the interval belongs to)."""
+    vector, statistic = _METRICS[metric]
+    rows = [vector(u) for u in units]
+    if not rows or any(r is None for r in rows):
+        return None
+    return statistic([sum(col) for col in zip(*rows)])
+
+
+def metric_ci(
+    units: Sequence[dict], metric: str, *, stratify: bool = True,
+    resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE,
+) -> list[float] | None:
+    """Percentile bootstrap interval of a pooled metric over units; None where undefined."""
+    vector, statistic = _METRICS[metric]
+    sums = _resampled_sums(units, vector, stratify, resamples, seed)
+    if sums is None:
+        return None
+    return _percentile_interval([statistic(s) for s in sums], confidence)
+
+
+def metric_diff_ci(
+    units_a: Sequence[dict], units_b: Sequence[dict], metric: str, *, stratify: bool = True,
+    resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE,
+) -> list[float] | None:
+    """Interval of metric(b) - metric(a), each report's units resampled independently."""
+    vector, statistic = _METRICS[metric]
+    sums_a = _resampled_sums(units_a, vector, stratify, resamples, seed)
+    sums_b = _resampled_sums(units_b, vector, stratify, resamples, seed + 1)
+    if sums_a is None or sums_b is None:
+        return None
+    diffs = []
+    for sa, sb in zip(sums_a, sums_b):
+        va, vb = statistic(sa), statistic(sb)
+        diffs.append(None if va is None or vb is None else vb - va)
+    return _percentile_interval(diffs, confidence)
+
+
+def _resampled_sums(units, vector, stratify, resamples, seed):
+    """Per resample, the column sums of resampled unit vectors (shape resamples x columns)."""
+    import numpy as np
+
+    rows = [vector(u) for u in units]
+    if not rows or any(r is None for r in rows):
+        return None
+    data = np.asarray(rows, dtype=np.float64)
+    if stratify:
+        keys = [u.get("category", "") for u in units]
+        strata = [np.flatnonzero(np.asarray([k == s for k in keys])) for s in dict.fromkeys(keys)]
+    else:
+        strata = [np.arange(len(rows))]
+    rng = np.random.default_rng(seed)
+    sums = np.zeros((resamples, data.shape[1]))
+    for members in strata:
+        picks = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+        sums += data[picks].sum(axis=1)
+    return sums.tolist()  # plain floats: the metric functions run on them 2000 times
+
+
+def _percentile_interval(values: list[float | None], confidence: float) -> list[float] | None:
+    import numpy as np
+
+    finite = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return None
+    tail = (1.0 - confidence) / 2 * 100
+    lo, hi = np.percentile(finite, [tail, 100 - tail])
+    return [float(lo), float(hi)]

@@ -1,0 +1,193 @@
+"""The one definition of every speculative-decoding metric.
+
+Used by the evaluation harness and by the live serving plugin alike, so a number in a report and
+the same number on a dashboard are computed by the same lines. Pure Python, no dependencies: it is
+imported inside vLLM.
+
+Vocabulary (the same as vLLM's ``spec_decode`` stats):
+
+* a **draft** is one speculative step of one request: the draft proposes up to k tokens and the
+  target verifies them in one forward pass;
+* ``num_drafts``: the number of drafts;
+* ``num_draft_tokens``: tokens proposed, summed over drafts (k per draft, fewer near a length limit);
+* ``num_accepted_tokens``: proposed tokens the target accepted, summed over drafts;
+* ``accepted_per_position[i]``: drafts whose token at position i (0-based) was accepted. Acceptance
+  is a prefix, so this list never increases.
+
+Definitions:
+
+* **acceptance rate** (pooled) = accepted / draft tokens.
+* **position acceptance** (vLLM's per-position rate) = accepted_per_position[i] / drafts: the
+  probability that a draft gets at least i + 1 tokens accepted.
+* **conditional position acceptance** = accepted_per_position[i] / accepted_per_position[i - 1]
+  (drafts for i = 0): the probability that position i is accepted given that every earlier
+  position was. Under the i.i.d. model of Leviathan et al. every entry equals alpha.
+* **acceptance length** (tau, mean accepted length) = 1 + accepted / drafts: tokens produced per
+  target forward pass, the bonus (or corrected) token included.
+* **per-request means**: the same rate and length computed per request, then averaged over
+  requests (each request weighs the same, however long it is). Pooled values weigh tokens.
+* **expected acceptance length** for an i.i.d. acceptance probability alpha and k draft tokens:
+  (1 - alpha^(k+1)) / (1 - alpha)  (Leviathan et al. 2023, eq. 1).
+* **alpha from tau**: the alpha whose expected acceptance length equals a measured tau (the
+  inverse of the above). The pooled acceptance rate is *not* alpha: it is E[accepted] / k.
+* **predicted speedup** (walltime improvement, Leviathan et al. 2023, thm. 3.8) =
+  (1 - alpha^(k+1)) / ((1 - alpha) (k c + 1)), where c is the cost ratio: the time of one draft
+  forward step over the time of one target forward step.
+* **measured speedup** = tokens/s with the draft / tokens/s of plain decoding of the same target
+  on the same engine, prompts and lengths, in the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SpecCounts:
+    """Raw counts of speculative decoding; everything else is derived from these."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def add(self, other: SpecCounts) -> None:
+        """Add ``other`` into these counts in place (per-position lists of any lengths)."""
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        _add_positions(self.accepted_per_position, other.accepted_per_position)
+
+    def record_draft(self, num_proposed: int, num_accepted: int) -> None:
+        """Count one draft of ``num_proposed`` tokens whose first ``num_accepted`` were accepted."""
+        if not 0 <= num_accepted <= num_proposed:
+            raise ValueError(f"accepted {num_accepted} of {num_proposed} proposed tokens")
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        _add_positions(self.accepted_per_position, [1] * num_accepted)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpecCounts:
+        return cls(
+            num_drafts=int(d["num_drafts"]),
+            num_draft_tokens=int(d["num_draft_tokens"]),
+            num_accepted_tokens=int(d["num_accepted_tokens"]),
+            accepted_per_position=[int(x) for x in d.get("accepted_per_position", [])],
+        )
+
+    @classmethod
+    def total(cls, counts: Iterable[SpecCounts]) -> SpecCounts:
+        out = cls()
+        for c in counts:
+            out.add(c)
+        return out
+
+
+def _add_positions(into: list[int], other: Sequence[int]) -> None:
+    if len(other) > len(into):
+        into.extend([0] * (len(other) - len(into)))
+    for i, v in enumerate(other):
+        into[i] += v
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def acceptance_rate(c: SpecCounts) -> float | None:
+    """Accepted over proposed draft tokens, pooled; None when nothing was drafted."""
+    return _ratio(c.num_accepted_tokens, c.num_draft_tokens)
+
+
+def acceptance_length(c: SpecCounts) -> float | None:
+    """Mean tokens per target forward pass: 1 + accepted / drafts (the bonus token counts)."""
+    r = _ratio(c.num_accepted_tokens, c.num_drafts)
+    return None if r is None else 1.0 + r
+
+
+def position_acceptance(c: SpecCounts) -> list[float | None]:
+    """accepted_per_position[i] / drafts: P(at least i + 1 tokens of a draft accepted)."""
+    return [_ratio(a, c.num_drafts) for a in c.accepted_per_position]
+
+
+def conditional_position_acceptance(c: SpecCounts) -> list[float | None]:
+    """P(position i accepted | positions 0..i-1 accepted); None where no draft reached i."""
+    out: list[float | None] = []
+    prev = c.num_drafts
+    for a in c.accepted_per_position:
+        out.append(_ratio(a, prev))
+        prev = a
+    return out
+
+
+def per_request_means(requests: Sequence[SpecCounts]) -> dict[str, float | None]:
+    """Acceptance rate and length averaged over requests (each request weighs the same)."""
+    rates = [r for r in map(acceptance_rate, requests) if r is not None]
+    lengths = [t for t in map(acceptance_length, requests) if t is not None]
+    return {
+        "acceptance_rate": sum(rates) / len(rates) if rates else None,
+        "acceptance_length": sum(lengths) / len(lengths) if lengths else None,
+    }
+
+
+def expected_acceptance_length(alpha: float, k: int) -> float:
+    """E[tokens per target pass] for i.i.d. acceptance alpha and k draft tokens."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha == 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def alpha_from_acceptance_length(tau: float, k: int, tol: float = 1e-12) -> float:
+    """The i.i.d. alpha whose expected acceptance length with k draft tokens is ``tau``.
+
+    The expected length is increasing in alpha on [0, 1], from 1 to k + 1, so bisection is exact
+    to ``tol``. Values of tau outside [1, k + 1] are clamped.
+    """
+    if k <= 0:
+        raise ValueError("k must be positive")
+    if tau <= 1.0:
+        return 0.0
+    if tau >= k + 1:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if expected_acceptance_length(mid, k) < tau:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
+    """Walltime improvement predicted by Leviathan et al. (2023), theorem 3.8.
+
+    ``cost_ratio`` (c) is the time of one draft step over the time of one target step. The model
+    assumes that verifying k + 1 tokens costs one target step.
+    """
+    if cost_ratio < 0:
+        raise ValueError("cost ratio must be >= 0")
+    return expected_acceptance_length(alpha, k) / (k * cost_ratio + 1.0)
+
+
+def speedup(tokens_per_s_spec: float, tokens_per_s_plain: float) -> float | None:
+    """Measured speedup: throughput with the draft over plain decoding, same run."""
+    return _ratio(tokens_per_s_spec, tokens_per_s_plain)
+
+
+def summarize(c: SpecCounts) -> dict:
+    """All count-derived metrics of one set of counts, as plain JSON-ready values."""
+    return {
+        **c.to_dict(),
+        "acceptance_rate": acceptance_rate(c),
+        "acceptance_length": acceptance_length(c),
+        "position_acceptance": position_acceptance(c),
+        "conditional_position_acceptance": conditional_position_acceptance(c),
+    }

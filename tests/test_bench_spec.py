@@ -45,7 +45,7 @@ def test_packaged_benches_load_and_match_their_purpose():
     quick = load_bench("quick")
     assert [c.name for c in quick.categories] == ["chat", "code", "math"]
     assert all(c.num_prompts == 4 for c in quick.categories)
-    assert (quick.max_new_tokens, quick.temperatures, quick.k) == (64, (0.0, 0.7), (4,))
+    assert (quick.max_new_tokens, quick.temperatures, quick.k) == (48, (0.0, 0.7), (4,))
     assert (quick.batch_sizes, quick.seeds) == ((1,), (0,))
     standard = load_bench("standard")
     assert [c.name for c in standard.categories] == ["chat", "code", "math", "hard-math"]

@@ -7,7 +7,9 @@ import importlib.util
 import pytest
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
+from deepspec_plugin.bench.engines.factory import make_engine
 from deepspec_plugin.bench.engines.hf import HFAssistedEngine, _Verification, derive_counts
+from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
 
 TEXTS = ["Janet has three apples and", "def add(a, b):", "The train leaves at"]
@@ -15,7 +17,8 @@ TEXTS = ["Janet has three apples and", "def add(a, b):", "The train leaves at"]
 
 @pytest.fixture(scope="module")
 def engine(tiny):
-    e = HFAssistedEngine.from_paths(tiny.target, tiny.draft)
+    e = make_engine("hf", target=tiny.target, draft=tiny.draft, device="cpu", dtype="float32")
+    assert isinstance(e, HFAssistedEngine)
     yield e
     e.close()
 
@@ -29,7 +32,7 @@ def prompts(tiny):
 
 
 def _identity_holds(engine, result) -> None:
-    """new tokens = accepted + drafts + plain steps - (1 if it ended on an accepted drafted stop)."""
+    """new tokens = accepted + drafts + plain steps - (1 if it ended on an accepted drafted stop)"""
     assert len(engine.last_derivations) == len(result.generations)
     for gen, d in zip(result.generations, engine.last_derivations):
         c = d.counts
@@ -65,7 +68,9 @@ def test_derive_counts_stop_token_accepted_from_the_draft():
     prompt = [1, 2]
     stop = 7
     seq = prompt + [10, stop]
-    d = derive_counts(len(prompt), [_Verification(0, prompt + [10, stop])], seq, stop_token_ids=(stop,))
+    d = derive_counts(
+        len(prompt), [_Verification(0, prompt + [10, stop])], seq, stop_token_ids=(stop,)
+    )
     assert d.counts == SpecCounts(1, 2, 2, [1, 1])
     assert d.ended_on_accepted_stop
 
@@ -103,10 +108,23 @@ def test_stop_token_ends_both_the_same(engine, prompts):
     first = plain.generations[0].token_ids.index(stop)
     cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=(stop,))
     plain_stop = engine.generate(prompts[:1], cfg)
-    spec_stop = engine.generate(prompts[:1], GenerationConfig(max_new_tokens=24, k=3, stop_token_ids=(stop,)))
+    spec_stop = engine.generate(
+        prompts[:1], GenerationConfig(max_new_tokens=24, k=3, stop_token_ids=(stop,))
+    )
     assert plain_stop.generations[0].token_ids == plain.generations[0].token_ids[: first + 1]
     assert spec_stop.generations[0].token_ids == plain_stop.generations[0].token_ids
     _identity_holds(engine, spec_stop)
+
+
+def test_plain_only_engine_refuses_speculation(tiny, prompts):
+    plain_only = HFAssistedEngine.from_paths(tiny.target)
+    try:
+        out = plain_only.generate(prompts[:1], GenerationConfig(max_new_tokens=3))
+        assert len(out.generations[0].token_ids) == 3
+        with pytest.raises(DspecError, match="without a draft"):
+            plain_only.generate(prompts[:1], GenerationConfig(max_new_tokens=3, k=2))
+    finally:
+        plain_only.close()
 
 
 def test_sampling_is_seeded_and_counts_consistent(engine, prompts):
@@ -139,8 +157,13 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
 
     x = torch.tensor([ids])
     out = model.generate(
-        x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-        eos_token_id=[], pad_token_id=0,
+        x,
+        attention_mask=torch.ones_like(x),
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        eos_token_id=[],
+        pad_token_id=0,
     )
     return out[0, len(ids) :].tolist()
 

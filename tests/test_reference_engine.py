@@ -81,8 +81,11 @@ def test_greedy_speculation_equals_plain_decoding(engine, plain_rows, k):
     cfg = replace(GREEDY, k=k)
     batched = engine.generate(PROMPTS, cfg)
     assert _tokens(batched) == plain_rows
-    for prompt, alone in zip(PROMPTS, plain_rows):
-        assert engine.generate([prompt], cfg).generations[0].token_ids == alone
+    for prompt, alone, in_batch in zip(PROMPTS, plain_rows, batched.generations):
+        single = engine.generate([prompt], cfg).generations[0]
+        assert single.token_ids == alone
+        # the draft sees the same context in a batch as alone, so it proposes the same tokens
+        assert single.counts == in_batch.counts
     # the tiny pair agrees often but not always: both paths of the rule ran
     assert 0 < batched.counts.num_accepted_tokens < batched.counts.num_draft_tokens
     assert batched.draft_step_s is not None and batched.draft_step_s > 0
@@ -116,7 +119,9 @@ def test_counts_are_consistent(engine, k):
         dropped = 1 + c.num_accepted_tokens + c.num_drafts - len(g.token_ids)
         assert 0 <= dropped <= k
     assert total.num_drafts == sum(g.counts.num_drafts for g in result.generations)
-    assert total.num_accepted_tokens == sum(g.counts.num_accepted_tokens for g in result.generations)
+    assert total.num_accepted_tokens == sum(
+        g.counts.num_accepted_tokens for g in result.generations
+    )
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +230,9 @@ def test_distribution_check_catches_a_broken_rule(engine, monkeypatch):
     def resample_from_p(target_probs, draft_probs, draft_tokens, generator):
         num_accepted, _ = correct(target_probs, draft_probs, draft_tokens, generator)
         rows = torch.arange(draft_tokens.shape[0])
-        return num_accepted, rejection.sample_from_probs(target_probs[rows, num_accepted], generator)
+        return num_accepted, rejection.sample_from_probs(
+            target_probs[rows, num_accepted], generator
+        )
 
     monkeypatch.setattr(rejection, "rejection_sample", resample_from_p)
     pvalue, _ = _sample_and_test(engine, 2, 0.5, 3)

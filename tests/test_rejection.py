@@ -51,7 +51,10 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def _pairs() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Adversarial (P, Q) pairs: row s of each matrix is the next-token distribution after s."""
     g = torch.Generator().manual_seed(1234)
-    rand = lambda: torch.rand((V, V), generator=g, dtype=torch.float64) + 0.05  # noqa: E731
+
+    def rand() -> torch.Tensor:
+        return torch.rand((V, V), generator=g, dtype=torch.float64) + 0.05
+
     p_random = _normalize(rand())
     eye_next = torch.roll(torch.eye(V, dtype=torch.float64), 1, dims=1)  # s -> s + 1
     low, high = torch.zeros(V, dtype=torch.float64), torch.zeros(V, dtype=torch.float64)
@@ -175,7 +178,9 @@ def test_greedy_is_the_rule_with_one_hot_distributions():
     # make row b agree with the target on its first (b mod (k + 1)) positions
     agree = torch.arange(k)[None, :] < (torch.arange(batch) % (k + 1))[:, None]
     draft_tokens = torch.where(agree, argmax[:, :k], draft_tokens)
-    draft_tokens = torch.where(~agree & (draft_tokens == argmax[:, :k]), (draft_tokens + 1) % vocab, draft_tokens)
+    draft_tokens = torch.where(
+        ~agree & (draft_tokens == argmax[:, :k]), (draft_tokens + 1) % vocab, draft_tokens
+    )
     # the draft's one-hot distribution is at its own tokens
     draft_probs = torch.zeros((batch, k, vocab)).scatter_(-1, draft_tokens[..., None], 1.0)
     target_probs = probs_from_logits(target_logits, 0.0)
@@ -241,4 +246,6 @@ def test_seeded_generator_is_reproducible_and_shapes_are_checked():
     b = _first_tokens(P, Q, 3, 2, seed=11)
     assert torch.equal(a, b)
     with pytest.raises(ValueError):
-        rejection_sample(torch.rand(2, 3, V), torch.rand(2, 3, V), torch.zeros(2, 3, dtype=torch.long), None)
+        rejection_sample(
+            torch.rand(2, 3, V), torch.rand(2, 3, V), torch.zeros(2, 3, dtype=torch.long), None
+        )

@@ -132,6 +132,7 @@ def test_no_baseline_means_no_speedup_and_a_reason():
 def test_bootstrap_is_deterministic_and_degenerate_for_identical_units():
     same = [_unit("chat", [2, 1], 3, batch=i) for i in range(5)]
     assert stats.metric_ci(same, "acceptance_rate") == [0.5, 0.5]
+    assert stats.metric_ci(same[:1], "acceptance_rate") is None  # one unit: no interval
     varied = [_unit("chat", [i % 4, 1], 3, batch=i) for i in range(8)]
     assert stats.metric_ci(varied, "acceptance_length") == stats.metric_ci(
         varied, "acceptance_length")

@@ -93,7 +93,8 @@ def test_vllm_greedy_speculation_matches_plain_and_reference(tiny, prompts):
         assert counts == ref_run.generations[0].counts
         assert run.counts == counts
         assert metrics == counts  # vLLM's Prometheus counters agree with its per-request stats
-        # Every draft proposes k tokens; 1 (prefill) + accepted + drafts >= tokens (cut at the limit).
+        # Every draft proposes k tokens; 1 (prefill) + accepted + drafts >= tokens (cut at the
+        # length limit).
         assert counts.num_draft_tokens == K * counts.num_drafts
         assert 1 + counts.num_accepted_tokens + counts.num_drafts >= len(tokens)
         assert 0 < counts.num_accepted_tokens < counts.num_draft_tokens

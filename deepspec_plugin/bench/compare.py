@@ -13,6 +13,7 @@ from deepspec_plugin.bench import stats
 from deepspec_plugin.errors import DspecError
 
 OVERALL = "overall"
+SHORT_NAMES = {"acceptance_rate": "acceptance", "acceptance_length": "tau", "speedup": "speedup"}
 
 
 def _entries(report: dict) -> dict[tuple, dict]:
@@ -109,7 +110,7 @@ def render_comparison(rows: list[dict]):
             diff += f" [{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
         table.add_row(
             r["category"], f"{r['temperature']:g}", str(r["k"]), str(r["batch_size"]),
-            r["metric"], num(r["a"]), num(r["b"]), diff,
+            SHORT_NAMES.get(r["metric"], r["metric"]), num(r["a"]), num(r["b"]), diff,
             "[bold]yes[/bold]" if r["significant"] else "no",
         )
     return table

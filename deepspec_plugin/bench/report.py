@@ -182,8 +182,9 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
     for role in ("target", "draft"):
         m = models.get(role)
         if m:
-            lines.append(f"- **{role}**: `{m['path']}` ({m['params']:,} parameters), "
-                         f"fingerprint `{m['fingerprint']}`")
+            params = f"{m['params']:,} parameters" if m.get("params") else "parameters unknown"
+            lines.append(f"- **{role}**: `{m['path']}` ({params}), "
+                         f"fingerprint `{m.get('fingerprint') or 'unavailable'}`")
         else:
             lines.append(f"- **{role}**: none")
     lines.append(f"- **engine**: `{engine.get('name', '?')}` "
@@ -212,7 +213,8 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
         "alpha: i.i.d. acceptance probability that explains tau; tau: mean tokens per target "
         "pass (acceptance length); acceptance: accepted / proposed draft tokens; speedup: "
         "tokens/s with the draft over plain decoding, measured in the same run; predicted: "
-        "theory from alpha, k and the cost ratio. Intervals: 95% bootstrap over units. "
+        "theory from alpha, k and the cost ratio. Intervals: 95% bootstrap over units "
+        "(none from a single unit). "
         f"Definitions: {_metrics_link(out_dir)}.", "",
     ]
     for t, entries in rows_by_t.items():

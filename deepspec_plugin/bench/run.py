@@ -99,8 +99,9 @@ def evaluate(
     )
     if target is None:
         raise DspecError(
-            "the harness needs the target's tokenizer to format prompts",
-            "pass --target with the served model's local directory",
+            "the harness needs the target's tokenizer to format prompts, and no target was given",
+            "pass --target with a local directory of the target (for an endpoint, the served "
+            "model's directory; its tokenizer files suffice)",
         )
     target_path = models.resolve_model(str(target))
     draft_path = models.resolve_model(str(draft)) if draft is not None else None
@@ -110,7 +111,7 @@ def evaluate(
     models_info = describe_models(target_path, draft_path)
     eng = make_engine(
         engine, target=target_path, draft=draft_path, device=device, dtype=dtype,
-        endpoint=endpoint, speculate=speculate, tokenizer=target_path,
+        endpoint=endpoint, speculate=speculate, tokenizer=tokenizer,
     )
     try:
         return run_bench(spec, eng, tokenizer, out, models_info=models_info, progress=progress)
@@ -119,18 +120,26 @@ def evaluate(
 
 
 def describe_models(target: Path, draft: Path | None) -> dict:
-    """Path, fingerprints and parameter count of the target and draft, for the report."""
+    """Path, fingerprints and parameter count of the target and draft, for the report.
+
+    A directory without weights (a served model's tokenizer copy, for an endpoint) gets null
+    fingerprint and parameter count, and the reason.
+    """
     from deepspec_plugin import models
 
     def one(path: Path | None) -> dict | None:
         if path is None:
             return None
-        return {
-            "path": str(Path(path).resolve()),
-            "fingerprint": models.fingerprint(path),
-            "tokenizer_fingerprint": models.tokenizer_fingerprint(path),
-            "params": models.param_count(path),
-        }
+        info = {"path": str(Path(path).resolve())}
+        for key, read in (("fingerprint", models.fingerprint),
+                          ("tokenizer_fingerprint", models.tokenizer_fingerprint),
+                          ("params", models.param_count)):
+            try:
+                info[key] = read(path)
+            except DspecError as e:
+                info[key] = None
+                info.setdefault("unavailable", str(e))
+        return info
 
     return {"target": one(target), "draft": one(draft)}
 

@@ -11,6 +11,7 @@ units' additive quantities and recomputes the metric from the pooled sums with t
   ran back to back on the same prompts), which keeps machine drift out of the interval.
 * Pooled entries across categories resample **within** each category (stratified), so the mix of
   categories stays that of the bench.
+* Where no stratum has two units, resampling cannot vary anything: there is no interval (None).
 * A difference between two reports (``compare``) resamples each report's units independently and
   takes the percentile interval of the differences.
 
@@ -115,6 +116,8 @@ def _resampled_sums(units, vector, stratify, resamples, seed):
         strata = [np.flatnonzero(np.asarray([k == s for k in keys])) for s in dict.fromkeys(keys)]
     else:
         strata = [np.arange(len(rows))]
+    if max(len(m) for m in strata) < 2:
+        return None  # one unit per stratum: resampling cannot vary, so there is no interval
     rng = np.random.default_rng(seed)
     sums = np.zeros((resamples, data.shape[1]))
     for members in strata:

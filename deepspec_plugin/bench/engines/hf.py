@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
+from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
+
+_CHANGED = "transformers' assisted decoding changed; counts cannot be derived"
 
 
 @dataclass
@@ -69,12 +72,14 @@ def derive_counts(
             cur_len = v.past_len + 1
         n_in = len(v.input_ids)
         drafted = v.past_len + n_in - cur_len
-        next_len = verifications[j + 1].past_len + 1 if j + 1 < len(verifications) else len(sequence)
+        next_len = (
+            verifications[j + 1].past_len + 1 if j + 1 < len(verifications) else len(sequence)
+        )
         growth = next_len - cur_len
         if drafted < 0 or growth < 1:
             raise RuntimeError(
                 f"assisted-generation step {j} does not fit the sequence (drafted {drafted}, "
-                f"growth {growth}): transformers' assisted decoding changed; counts cannot be derived"
+                f"growth {growth}): {_CHANGED}"
             )
         candidates = v.input_ids[n_in - drafted :]
         accepted = 0
@@ -85,11 +90,16 @@ def derive_counts(
         ):
             accepted += 1
         last = j + 1 == len(verifications)
-        stop_cut = last and accepted > 0 and accepted == growth and sequence[cur_len + accepted - 1] in stops
+        stop_cut = (
+            last
+            and accepted > 0
+            and accepted == growth
+            and sequence[cur_len + accepted - 1] in stops
+        )
         if growth != accepted + 1 and not stop_cut:
             raise RuntimeError(
-                f"assisted-generation step {j} grew the sequence by {growth} tokens after accepting "
-                f"{accepted} of {drafted}: transformers' assisted decoding changed; counts cannot be derived"
+                f"assisted-generation step {j} grew the sequence by {growth} tokens after "
+                f"accepting {accepted} of {drafted}: {_CHANGED}"
             )
         if drafted == 0:
             plain_steps += 1
@@ -98,7 +108,9 @@ def derive_counts(
         ended_on_stop = stop_cut
     if not verifications and len(sequence) > prompt_len:
         raise RuntimeError("assisted generation produced tokens without any target forward")
-    return DerivedCounts(counts=counts, plain_steps=plain_steps, ended_on_accepted_stop=ended_on_stop)
+    return DerivedCounts(
+        counts=counts, plain_steps=plain_steps, ended_on_accepted_stop=ended_on_stop
+    )
 
 
 @dataclass
@@ -149,27 +161,29 @@ class HFAssistedEngine(Engine):
     name = "hf"
     per_request_counts = True
 
-    def __init__(self, target_model, draft_model, device: str = "cpu"):
+    def __init__(self, target_model, draft_model=None, device: str = "cpu"):
         self.target = target_model
         self.draft = draft_model
         self.device = str(device)
+        self.dtype = str(next(target_model.parameters()).dtype).removeprefix("torch.")
         self._sync = self.device.startswith("cuda")
         # Per-request derivation details of the last speculative batch (plain steps, stop cut).
         self.last_derivations: list[DerivedCounts] = []
 
     @classmethod
     def from_paths(
-        cls, target: Path, draft: Path, device: str = "cpu", dtype: str = "float32"
+        cls, target: Path, draft: Path | None = None, device: str = "cpu", dtype: str = "float32"
     ) -> HFAssistedEngine:
+        """Load both models (safetensors only); without a draft the engine only decodes plainly."""
         from deepspec_plugin.models import check_pair, load_causal_lm
 
-        check_pair(Path(target), Path(draft))
+        if draft is not None:
+            check_pair(Path(target), Path(draft))
         engine = cls(
             load_causal_lm(Path(target), device=device, dtype=dtype),
-            load_causal_lm(Path(draft), device=device, dtype=dtype),
+            load_causal_lm(Path(draft), device=device, dtype=dtype) if draft is not None else None,
             device=device,
         )
-        engine._dtype = dtype
         return engine
 
     # --- generation ------------------------------------------------------------------------
@@ -202,7 +216,13 @@ class HFAssistedEngine(Engine):
         import torch
 
         if cfg.k is not None and cfg.k < 1:
-            raise ValueError(f"k must be >= 1, got {cfg.k}")
+            raise DspecError(f"k is {cfg.k}", "use k >= 1, or no k for plain decoding")
+        if cfg.k is not None and self.draft is None:
+            raise DspecError(
+                "speculative decoding asked of an hf engine without a draft", "pass a draft model"
+            )
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise DspecError("an empty batch or an empty prompt", "give every request >= 1 token")
         gen_config = self._generation_config(cfg)
         speculating = cfg.k is not None
         if speculating:
@@ -219,11 +239,15 @@ class HFAssistedEngine(Engine):
 
         handles = []
         if speculating:
-            handles.append(self.target.register_forward_pre_hook(record_verification, with_kwargs=True))
+            handles.append(
+                self.target.register_forward_pre_hook(record_verification, with_kwargs=True)
+            )
             handles.append(self.draft.register_forward_pre_hook(draft_timer.pre, with_kwargs=True))
             handles.append(self.draft.register_forward_hook(draft_timer.post, with_kwargs=True))
         else:
-            handles.append(self.target.register_forward_pre_hook(target_timer.pre, with_kwargs=True))
+            handles.append(
+                self.target.register_forward_pre_hook(target_timer.pre, with_kwargs=True)
+            )
             handles.append(self.target.register_forward_hook(target_timer.post, with_kwargs=True))
 
         generations: list[Generation] = []
@@ -248,7 +272,9 @@ class HFAssistedEngine(Engine):
                     new_tokens = sequence[len(prompt) :]
                     counts = None
                     if speculating:
-                        derived = derive_counts(len(prompt), verifications, sequence, cfg.stop_token_ids)
+                        derived = derive_counts(
+                            len(prompt), verifications, sequence, cfg.stop_token_ids
+                        )
                         counts = derived.counts
                         self.last_derivations.append(derived)
                         total.add(counts)
@@ -276,9 +302,10 @@ class HFAssistedEngine(Engine):
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "device": self.device,
-            "dtype": getattr(self, "_dtype", str(next(self.target.parameters()).dtype).removeprefix("torch.")),
+            "dtype": self.dtype,
             "torch_threads": torch.get_num_threads(),
-            "batching": "one request at a time (transformers assisted generation supports batch size 1 only)",
+            "batching": "one request at a time "
+            "(transformers assisted generation supports batch size 1 only)",
             "k_schedule": "constant (num_assistant_tokens=k, assistant_confidence_threshold=0)",
             "counts": "derived exactly from the target's verification forwards",
         }

@@ -59,7 +59,9 @@ class _Mask:
 
         self.rows, self.length = initial.shape
         self.dense = bool(initial.all())
-        self.buf = torch.zeros((self.rows, max(64, 2 * self.length)), dtype=torch.long, device=device)
+        self.buf = torch.zeros(
+            (self.rows, max(64, 2 * self.length)), dtype=torch.long, device=device
+        )
         self.buf[:, : self.length] = initial
         self.ones = torch.ones((1, 1), dtype=torch.long, device=device)
 
@@ -168,7 +170,8 @@ class ReferenceEngine(Engine):
             if tv != dv:
                 raise DspecError(
                     f"the draft's vocabulary ({dv} logits) differs from the target's ({tv})",
-                    "use a draft built on the target's tokenizer (dspec models check-pair)",
+                    "use a draft with the target's tokenizer and vocabulary"
+                    " (dspec models draft-init makes one)",
                 )
         self._keep_logits = {
             id(m): "logits_to_keep" in inspect.signature(m.forward).parameters
@@ -225,8 +228,13 @@ class ReferenceEngine(Engine):
             "dtype": str(next(self.target.parameters()).dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "device_name": (
+                torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+            ),
             "target": getattr(self.target.config, "_name_or_path", "") or None,
-            "draft": (getattr(self.draft.config, "_name_or_path", "") or None) if self.draft else None,
+            "draft": (getattr(self.draft.config, "_name_or_path", "") or None)
+            if self.draft
+            else None,
         }
 
     def close(self) -> None:
@@ -275,7 +283,7 @@ class ReferenceEngine(Engine):
             token = sample_from_logits(logits[:, -1], cfg.temperature, generator)
 
     def _speculative(self, prompts, cfg, requests, generator, timer) -> None:
-        """Draft k tokens, verify them in one target pass, repeat; times single-token draft steps."""
+        """Draft k tokens, verify them in one target pass, repeat; times 1-token draft steps."""
         import torch
 
         from deepspec_plugin.bench.engines.rejection import (
@@ -325,7 +333,7 @@ class ReferenceEngine(Engine):
                 active = [active[i] for i in keep]
                 t_holes = [t_holes[i] for i in keep]
                 d_holes = [d_holes[i] for i in keep]
-                any_full = any(d_holes[i] < 0 for i in range(len(keep)))
+                any_full = min(d_holes) < 0
                 # Holes that were trailing in every remaining row can go now.
                 self._crop(t_cache, t_mask, max(0, min(t_holes)), t_holes)
                 self._crop(d_cache, d_mask, max(0, min(d_holes)), d_holes)
@@ -395,18 +403,24 @@ class ReferenceEngine(Engine):
             # --- target cache: valid are pending and d_1..d_a; d_{a+1}..d_k are holes
             t_holes = [k - a for a in accepted]
             self._crop(t_cache, t_mask, min(t_holes), t_holes)
-            kept = t_mask.length - t_start
-            t_mask.buf[:, t_start : t_mask.length] = (offsets[:kept] <= num_accepted[:, None]).long()
-            t_mask.dense = t_mask.dense and max(t_holes) == 0
+            if max(t_holes) > 0:  # else the columns appended as ones are all valid
+                kept = t_mask.length - t_start
+                t_mask.buf[:, t_start : t_mask.length] = (
+                    offsets[:kept] <= num_accepted[:, None]
+                ).long()
+                t_mask.dense = False
             t_valid = t_valid + num_accepted + 1
 
             # --- draft cache: holds pending and d_1..d_{k-1}; d_i (i <= k-1) is valid iff i <= a.
             # A row that accepted all k lacks d_k: a hole count of -1 marks it.
             d_holes = [k - 1 - a for a in accepted]
             self._crop(d_cache, d_mask, max(0, min(d_holes)), d_holes)
-            kept = d_mask.length - d_start  # pending and the d_i still in the cache
-            d_mask.buf[:, d_start : d_mask.length] = (offsets[:kept] <= num_accepted[:, None]).long()
-            d_mask.dense = d_mask.dense and max(d_holes) <= 0
+            if max(d_holes) > 0:
+                kept = d_mask.length - d_start  # pending and the d_i still in the cache
+                d_mask.buf[:, d_start : d_mask.length] = (
+                    offsets[:kept] <= num_accepted[:, None]
+                ).long()
+                d_mask.dense = False
             d_valid = d_valid - (k - 1 - num_accepted.clamp(max=k - 1))
             full = num_accepted == k
             any_full = k in accepted
@@ -419,7 +433,9 @@ class ReferenceEngine(Engine):
         if cfg.max_new_tokens < 1:
             raise DspecError(f"max_new_tokens is {cfg.max_new_tokens}", "ask for at least 1 token")
         if cfg.temperature < 0:
-            raise DspecError(f"temperature is {cfg.temperature}", "use 0 (greedy) or a positive value")
+            raise DspecError(
+                f"temperature is {cfg.temperature}", "use 0 (greedy) or a positive value"
+            )
         if cfg.k is not None:
             if cfg.k < 1:
                 raise DspecError(f"k is {cfg.k}", "use k >= 1, or k=None for plain decoding")

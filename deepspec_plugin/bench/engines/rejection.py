@@ -23,7 +23,7 @@ import torch
 
 
 def probs_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sampling distribution over the last dim, in float32; temperature 0 gives the argmax one-hot."""
+    """Sampling distribution over the last dim, in float32; temperature 0: the argmax one-hot."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
@@ -64,8 +64,8 @@ def rejection_sample(
     batch, k, vocab = draft_probs.shape
     if target_probs.shape != (batch, k + 1, vocab) or draft_tokens.shape != (batch, k):
         raise ValueError(
-            f"shapes disagree: target {tuple(target_probs.shape)}, draft {tuple(draft_probs.shape)},"
-            f" tokens {tuple(draft_tokens.shape)}"
+            f"shapes disagree: target {tuple(target_probs.shape)},"
+            f" draft {tuple(draft_probs.shape)}, tokens {tuple(draft_tokens.shape)}"
         )
     device = target_probs.device
     index = draft_tokens.unsqueeze(-1)
@@ -87,7 +87,9 @@ def rejection_sample(
     mass = residual.sum(-1, keepdim=True)
     # p == q up to rounding leaves no residual mass (and a rejection of probability ~0): fall back
     # to p, the distribution the residual approximates there.
-    next_dist = torch.where(mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), p_next)
+    next_dist = torch.where(
+        mass > 0, residual / mass.clamp_min(torch.finfo(mass.dtype).tiny), p_next
+    )
     next_token = sample_from_probs(next_dist, generator)
     return num_accepted, next_token
 

@@ -3,7 +3,9 @@
 vLLM spawns processes (its engine core) and wants its caller's main module guarded, so the harness
 never imports it: a worker, ``python -m deepspec_plugin.bench.engines.vllm_offline``, holds the
 ``LLM`` instances and speaks JSON lines over stdin/stdout (one request, one answer). Everything the
-worker or vLLM prints goes to a log file; closing the engine ends the worker's whole process group.
+worker or vLLM prints goes to a log file in a temp dir (its tail comes with any failure; set
+``DSPEC_KEEP_VLLM_LOG=1`` to keep it after close); closing the engine ends the worker's whole
+process group.
 
 The worker keeps at most two instances: one without speculation (the baseline, k=None) and one
 with ``speculative_config={"method": "draft_model", "model": DRAFT, "num_speculative_tokens": k}``
@@ -100,7 +102,10 @@ class VLLMOfflineEngine(Engine):
         self.draft = Path(draft) if draft is not None else None
         for p in (self.target, self.draft):
             if p is not None and not (p / "config.json").is_file():
-                raise DspecError(f"{p} is not a model directory (no config.json)", "pass a Hugging Face model directory")
+                raise DspecError(
+                    f"{p} is not a model directory (no config.json)",
+                    "pass a Hugging Face model directory",
+                )
         self.options = {
             "target": str(self.target),
             "draft": str(self.draft) if self.draft else None,
@@ -155,7 +160,9 @@ class VLLMOfflineEngine(Engine):
         if not answer.get("ok"):
             if answer.get("user_error"):
                 raise DspecError(answer["error"], answer.get("fix"))
-            raise RuntimeError(f"vLLM worker failed: {answer.get('error')}\n{answer.get('traceback', '')}")
+            raise RuntimeError(
+                f"vLLM worker failed: {answer.get('error')}\n{answer.get('traceback', '')}"
+            )
         return answer
 
     def _read_answer(self) -> dict:
@@ -193,7 +200,9 @@ class VLLMOfflineEngine(Engine):
 
     def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> BatchResult:
         if cfg.k is not None and self.draft is None:
-            raise DspecError("speculative decoding asked of a vLLM engine without a draft", "pass a draft model")
+            raise DspecError(
+                "speculative decoding asked of a vLLM engine without a draft", "pass a draft model"
+            )
         if cfg.k is not None and cfg.k < 1:
             raise DspecError(f"k is {cfg.k}", "use k >= 1, or no k for plain decoding")
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -430,7 +439,10 @@ def _metric_counts(llm) -> SpecCounts | None:
         if isinstance(metric, Counter) and metric.name in fields:
             setattr(out, fields[metric.name], getattr(out, fields[metric.name]) + int(metric.value))
             found = True
-        elif isinstance(metric, Vector) and metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+        elif (
+            isinstance(metric, Vector)
+            and metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos"
+        ):
             out.add(SpecCounts(accepted_per_position=[int(v) for v in metric.values]))
     return out if found else None
 
@@ -478,7 +490,11 @@ def _worker_main() -> None:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception as exc:  # reported to the parent, which raises it there
             traceback.print_exc()
-            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            answer = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(),
+            }
         answers.write(json.dumps(answer) + "\n")
     if worker is not None:
         worker.close()

@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16", help="bfloat16 (fastest on CPUs with avx512_bf16) or float32")
     ap.add_argument("--work", type=Path, default=Path("runs/benchmarks"))
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -58,7 +59,7 @@ def main() -> int:
         for _, _, turns in select_prompts(bench, category):
             prompts.append(format_turns(tokenizer, turns[:1], [], chat_template=True))
 
-    ref = ReferenceEngine.from_paths(target, draft)
+    ref = ReferenceEngine.from_paths(target, draft, dtype=args.dtype)
     hf = HFAssistedEngine(ref.target, ref.draft)
     plain_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=stops)
     spec_cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, k=args.k, stop_token_ids=stops)
@@ -102,6 +103,7 @@ def main() -> int:
         "prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
         "k": args.k,
+        "dtype": args.dtype,
         "torch_threads": torch.get_num_threads(),
         "outputs_identical": mismatches == 0,
         "acceptance_rate": metrics.acceptance_rate(counts),

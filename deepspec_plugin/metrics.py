@@ -66,7 +66,10 @@ class SpecCounts:
         self.num_drafts += 1
         self.num_draft_tokens += num_proposed
         self.num_accepted_tokens += num_accepted
-        _add_positions(self.accepted_per_position, [1] * num_accepted)
+        # One entry per proposed position, as vLLM's counters have one per position 0..k-1.
+        _add_positions(
+            self.accepted_per_position, [1] * num_accepted + [0] * (num_proposed - num_accepted)
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,108 @@
+"""The metric definitions, on counts whose answers are known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from deepspec_plugin import metrics
+from deepspec_plugin.metrics import SpecCounts
+
+
+def counts_of(drafts: list[tuple[int, int]]) -> SpecCounts:
+    """Counts of drafts given as (proposed, accepted)."""
+    c = SpecCounts()
+    for proposed, accepted in drafts:
+        c.record_draft(proposed, accepted)
+    return c
+
+
+def test_pooled_rate_length_and_positions():
+    # Three drafts of k = 4: 4 accepted, 1 accepted, 0 accepted.
+    c = counts_of([(4, 4), (4, 1), (4, 0)])
+    assert (c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens) == (3, 12, 5)
+    assert c.accepted_per_position == [2, 1, 1, 1]
+    assert metrics.acceptance_rate(c) == pytest.approx(5 / 12)
+    assert metrics.acceptance_length(c) == pytest.approx(1 + 5 / 3)  # the bonus token counts
+    assert metrics.position_acceptance(c) == pytest.approx([2 / 3, 1 / 3, 1 / 3, 1 / 3])
+    assert metrics.conditional_position_acceptance(c) == pytest.approx([2 / 3, 1 / 2, 1, 1])
+
+
+def test_empty_counts_give_none_not_zero():
+    c = SpecCounts()
+    assert metrics.acceptance_rate(c) is None
+    assert metrics.acceptance_length(c) is None
+    # Position 0 rejected in every draft: positions 1 and 2 were never reached.
+    c = counts_of([(3, 0), (3, 0)])
+    assert c.accepted_per_position == [0, 0, 0]
+    assert metrics.conditional_position_acceptance(c) == [0.0, None, None]
+
+
+def test_add_and_total_merge_positions_of_different_lengths():
+    a = counts_of([(2, 2)])
+    b = counts_of([(4, 3)])
+    total = SpecCounts.total([a, b])
+    assert total.accepted_per_position == [2, 2, 1, 0]
+    assert total.num_draft_tokens == 6 and total.num_accepted_tokens == 5
+    assert SpecCounts.from_dict(total.to_dict()) == total
+
+
+def test_record_draft_refuses_impossible_counts():
+    with pytest.raises(ValueError):
+        SpecCounts().record_draft(2, 3)
+
+
+def test_per_request_means_weigh_requests_equally():
+    long = counts_of([(4, 4)] * 9)  # rate 1.0, tau 5
+    short = counts_of([(4, 0)])  # rate 0.0, tau 1
+    means = metrics.per_request_means([long, short])
+    assert means["acceptance_rate"] == pytest.approx(0.5)
+    assert means["acceptance_length"] == pytest.approx(3.0)
+    pooled = SpecCounts.total([long, short])
+    assert metrics.acceptance_rate(pooled) == pytest.approx(36 / 40)
+
+
+def test_expected_length_and_its_inverse():
+    assert metrics.expected_acceptance_length(0.0, 4) == 1.0
+    assert metrics.expected_acceptance_length(1.0, 4) == 5.0
+    # 1 + a + a^2 + ... + a^k
+    assert metrics.expected_acceptance_length(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    for alpha in (0.05, 0.3, 0.6, 0.9, 0.99):
+        for k in (1, 2, 4, 7):
+            tau = metrics.expected_acceptance_length(alpha, k)
+            assert metrics.alpha_from_acceptance_length(tau, k) == pytest.approx(alpha, abs=1e-9)
+    assert metrics.alpha_from_acceptance_length(0.5, 4) == 0.0
+    assert metrics.alpha_from_acceptance_length(9.0, 4) == 1.0
+
+
+def test_acceptance_rate_is_not_alpha():
+    # Under i.i.d. acceptance alpha, E[accepted] = alpha (1 - alpha^k) / (1 - alpha), so the pooled
+    # rate E[accepted] / k is below alpha: the inverse of tau is what recovers alpha.
+    alpha, k = 0.8, 4
+    tau = metrics.expected_acceptance_length(alpha, k)
+    rate = (tau - 1) / k
+    assert rate < alpha - 0.1
+    assert metrics.alpha_from_acceptance_length(tau, k) == pytest.approx(alpha)
+
+
+def test_predicted_speedup_matches_leviathan():
+    # Leviathan et al. (2023), thm 3.8: (1 - a^(k+1)) / ((1 - a)(k c + 1)).
+    a, k, c = 0.8, 4, 0.05
+    expected = (1 - a ** (k + 1)) / ((1 - a) * (k * c + 1))
+    assert metrics.predicted_speedup(a, k, c) == pytest.approx(expected)
+    assert metrics.predicted_speedup(1.0, 3, 0.0) == 4.0
+    # A useless draft that costs nothing changes nothing; one that costs something slows down.
+    assert metrics.predicted_speedup(0.0, 4, 0.0) == 1.0
+    assert metrics.predicted_speedup(0.0, 4, 0.25) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        metrics.predicted_speedup(0.5, 4, -1)
+
+
+def test_measured_speedup_and_summary():
+    assert metrics.speedup(30.0, 20.0) == 1.5
+    assert metrics.speedup(30.0, 0.0) is None
+    s = metrics.summarize(counts_of([(2, 1), (2, 2)]))
+    assert s["acceptance_rate"] == pytest.approx(0.75)
+    assert s["acceptance_length"] == pytest.approx(2.5)
+    assert not any(isinstance(v, float) and math.isnan(v) for v in s.values())

@@ -413,9 +413,19 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32"):
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise DspecError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
-    )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load is noise in a CLI and in logs
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
+        )
+    except Exception as e:  # noqa: BLE001 - whatever the reader says, the checkpoint is unusable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DspecError(
+            f"cannot load the model in {path}: {type(e).__name__}: {reason}",
+            "the checkpoint is corrupt or incomplete: rebuild or re-copy it",
+        ) from e
     model.to(device)
     model.eval()
     model.requires_grad_(False)

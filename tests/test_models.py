@@ -218,6 +218,14 @@ def test_load_causal_lm_refusals(tiny, tmp_path):
         models.load_causal_lm(tiny.target, dtype="float7")
 
 
+def test_load_causal_lm_refuses_a_truncated_checkpoint(tiny, tmp_path):
+    broken = _copy(tiny.target, tmp_path / "truncated")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DspecError, match="corrupt or incomplete"):
+        models.load_causal_lm(broken)
+
+
 def test_load_causal_lm_dtype(tiny):
     import torch
 

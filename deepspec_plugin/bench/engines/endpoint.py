@@ -250,11 +250,11 @@ class EndpointEngine(Engine):
             n = max(len(before.accepted_per_position), len(after.accepted_per_position))
             b = before.accepted_per_position + [0] * (n - len(before.accepted_per_position))
             a = after.accepted_per_position + [0] * (n - len(after.accepted_per_position))
-            positions = [x - y for x, y in zip(a, b)]
-            while positions and positions[-1] == 0:
-                positions.pop()
+            # One entry per position 0..k-1, as SpecCounts.record_draft counts; none without drafts.
+            drafts = after.num_drafts - before.num_drafts
+            positions = [x - y for x, y in zip(a, b)] if drafts else []
             return SpecCounts(
-                after.num_drafts - before.num_drafts,
+                drafts,
                 after.num_draft_tokens - before.num_draft_tokens,
                 after.num_accepted_tokens - before.num_accepted_tokens,
                 positions,

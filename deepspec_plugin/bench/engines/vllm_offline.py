@@ -64,14 +64,14 @@ def require_vllm() -> None:
 def counts_from_histogram(histogram: list[int], num_draft_tokens: int) -> SpecCounts:
     """SpecCounts of one request from vLLM's per-request acceptance histogram.
 
-    ``histogram[j]`` is the number of drafts with exactly j accepted tokens. Per-position counts
-    are trimmed of trailing zeros, as ``SpecCounts.record_draft`` builds them.
+    ``histogram[j]`` is the number of drafts with exactly j accepted tokens (j = 0..k). As
+    ``SpecCounts.record_draft`` builds them, per-position counts have one entry per draft position
+    0..k-1 (zeros included), and none when there was no draft.
     """
-    positions = [sum(histogram[i + 1 :]) for i in range(max(len(histogram) - 1, 0))]
-    while positions and positions[-1] == 0:
-        positions.pop()
+    drafts = sum(histogram)
+    positions = [sum(histogram[i + 1 :]) for i in range(len(histogram) - 1)] if drafts else []
     return SpecCounts(
-        num_drafts=sum(histogram),
+        num_drafts=drafts,
         num_draft_tokens=int(num_draft_tokens),
         num_accepted_tokens=sum(j * n for j, n in enumerate(histogram)),
         accepted_per_position=positions,
@@ -451,11 +451,11 @@ def _delta(after: SpecCounts, before: SpecCounts) -> SpecCounts:
     n = max(len(after.accepted_per_position), len(before.accepted_per_position))
     a = after.accepted_per_position + [0] * (n - len(after.accepted_per_position))
     b = before.accepted_per_position + [0] * (n - len(before.accepted_per_position))
-    positions = [x - y for x, y in zip(a, b)]
-    while positions and positions[-1] == 0:
-        positions.pop()
+    drafts = after.num_drafts - before.num_drafts
+    # One entry per position 0..k-1, as SpecCounts.record_draft counts; none without drafts.
+    positions = [x - y for x, y in zip(a, b)] if drafts else []
     return SpecCounts(
-        num_drafts=after.num_drafts - before.num_drafts,
+        num_drafts=drafts,
         num_draft_tokens=after.num_draft_tokens - before.num_draft_tokens,
         num_accepted_tokens=after.num_accepted_tokens - before.num_accepted_tokens,
         accepted_per_position=positions,

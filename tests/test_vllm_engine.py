@@ -34,7 +34,7 @@ def test_counts_from_histogram():
     for a in (0, 1, 3, 3):
         expected.record_draft(3, a)
     assert c == expected
-    assert counts_from_histogram([2, 0, 0, 0], 6) == SpecCounts(2, 6, 0, [])
+    assert counts_from_histogram([2, 0, 0, 0], 6) == SpecCounts(2, 6, 0, [0, 0, 0])
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,12 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"],
-                    help="one run per dtype, in turn (bfloat16 is fastest on CPUs with avx512_bf16)")
+    ap.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        help="one run per dtype, in turn (bfloat16 is fastest on CPUs with avx512_bf16)",
+    )
     ap.add_argument("--work", type=Path, default=Path("runs/benchmarks"))
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
@@ -59,7 +63,9 @@ def main() -> int:
         for _, _, turns in select_prompts(bench, category):
             prompts.append(format_turns(tokenizer, turns[:1], [], chat_template=True))
 
-    all_figures = {dtype: measure(args, target, draft, prompts, stops, dtype) for dtype in args.dtype}
+    all_figures = {
+        dtype: measure(args, target, draft, prompts, stops, dtype) for dtype in args.dtype
+    }
     goals = []
     for dtype, figures in all_figures.items():
         print(f"\n== {dtype} ==")
@@ -68,9 +74,15 @@ def main() -> int:
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
             print(f"{key:{width}}  {text}")
         goals += [
-            (f"{dtype}: measured / predicted speedup >= 0.9", figures["measured_over_predicted"] >= 0.9),
+            (
+                f"{dtype}: measured / predicted speedup >= 0.9",
+                figures["measured_over_predicted"] >= 0.9,
+            ),
             (f"{dtype}: reference / hf tokens/s >= 1.0", figures["reference_over_hf"] >= 1.0),
-            (f"{dtype}: reference and hf outputs identical", figures["prompts_reference_eq_hf"] == len(prompts)),
+            (
+                f"{dtype}: reference and hf outputs identical",
+                figures["prompts_reference_eq_hf"] == len(prompts),
+            ),
         ]
     print()
     for text, ok in goals:
@@ -78,7 +90,6 @@ def main() -> int:
     if args.out:
         args.out.write_text(json.dumps(all_figures, indent=2) + "\n")
     return 0 if all(ok for _, ok in goals) else 1
-
 
 
 def measure(args, target, draft, prompts, stops, dtype) -> dict:
@@ -125,7 +136,9 @@ def measure(args, target, draft, prompts, stops, dtype) -> dict:
     counts = metrics.SpecCounts.total(r.counts for r in runs["reference"])
     tau = metrics.acceptance_length(counts)
     alpha = metrics.alpha_from_acceptance_length(tau, args.k)
-    c = mean(r.draft_step_s for r in runs["reference"]) / mean(r.target_step_s for r in runs["plain"])
+    c = mean(r.draft_step_s for r in runs["reference"]) / mean(
+        r.target_step_s for r in runs["plain"]
+    )
     predicted = metrics.predicted_speedup(alpha, args.k, c)
     measured = metrics.speedup(tps(runs["reference"]), tps(runs["plain"]))
     figures = {

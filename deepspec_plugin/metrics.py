@@ -9,7 +9,7 @@ Vocabulary (the same as vLLM's ``spec_decode`` stats):
 * a **draft** is one speculative step of one request: the draft proposes up to k tokens and the
   target verifies them in one forward pass;
 * ``num_drafts``: the number of drafts;
-* ``num_draft_tokens``: tokens proposed, summed over drafts (k per draft, fewer near a length limit);
+* ``num_draft_tokens``: tokens proposed, summed over drafts (k per draft, or fewer);
 * ``num_accepted_tokens``: proposed tokens the target accepted, summed over drafts;
 * ``accepted_per_position[i]``: drafts whose token at position i (0-based) was accepted. Acceptance
   is a prefix, so this list never increases.
@@ -69,6 +69,23 @@ class SpecCounts:
         # One entry per proposed position, as vLLM's counters have one per position 0..k-1.
         _add_positions(
             self.accepted_per_position, [1] * num_accepted + [0] * (num_proposed - num_accepted)
+        )
+
+    def since(self, before: SpecCounts) -> SpecCounts:
+        """What was counted after ``before``: the delta of two reads of cumulative counters.
+
+        Per-position entries are kept for every position (0..k-1), zeros included, as
+        ``record_draft`` counts them; none when nothing was drafted in between.
+        """
+        n = max(len(self.accepted_per_position), len(before.accepted_per_position))
+        now = self.accepted_per_position + [0] * (n - len(self.accepted_per_position))
+        then = before.accepted_per_position + [0] * (n - len(before.accepted_per_position))
+        drafts = self.num_drafts - before.num_drafts
+        return SpecCounts(
+            num_drafts=drafts,
+            num_draft_tokens=self.num_draft_tokens - before.num_draft_tokens,
+            num_accepted_tokens=self.num_accepted_tokens - before.num_accepted_tokens,
+            accepted_per_position=[a - b for a, b in zip(now, then)] if drafts else [],
         )
 
     def to_dict(self) -> dict:

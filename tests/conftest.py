@@ -17,3 +17,15 @@ def tiny(tmp_path_factory):
     from deepspec_plugin.models import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0, perturb=0.02)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
+    spin against other processes make each step up to 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

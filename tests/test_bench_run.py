@@ -59,16 +59,6 @@ class DelegatingEngine(Engine):
         return {**self.inner.describe(), "engine": self.name}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny models are far faster on one thread; two oversubscribe this shared machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def mini_bench(tmp_path_factory):

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -67,22 +66,33 @@ def test_mismatched_vocabularies(tiny, tmp_path):
     cfg = json.loads((other / "draft" / "config.json").read_text())
     cfg["vocab_size"] = cfg["vocab_size"] + 64
     (other / "draft" / "config.json").write_text(json.dumps(cfg))
-    proc = dspec("eval", "--target", tiny.target, "--draft", other / "draft", "--out", tmp_path / "r")
+    proc = dspec(
+        "eval", "--target", tiny.target, "--draft", other / "draft", "--out", tmp_path / "r"
+    )
     assert_clean_error(proc, "vocab")
 
 
 def test_draft_that_is_not_a_causal_lm(tiny, tmp_path):
     bad = tmp_path / "bert"
     bad.mkdir()
-    (bad / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (bad / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertModel"]})
+    )
     proc = dspec("eval", "--target", tiny.target, "--draft", bad, "--out", tmp_path / "r")
     assert_clean_error(proc, "causal")
 
 
 def test_missing_bench_file(tiny, tmp_path):
     proc = dspec(
-        "eval", "--target", tiny.target, "--draft", tiny.draft,
-        "--bench", tmp_path / "nope.json", "--out", tmp_path / "r",
+        "eval",
+        "--target",
+        tiny.target,
+        "--draft",
+        tiny.draft,
+        "--bench",
+        tmp_path / "nope.json",
+        "--out",
+        tmp_path / "r",
     )
     assert_clean_error(proc, "nope.json")
 
@@ -91,8 +101,15 @@ def test_prompt_file_with_a_broken_line(tiny, tmp_path):
     prompts = tmp_path / "mine.jsonl"
     prompts.write_text('{"turns": ["hello"]}\n{"turns": ["fine"]}\n{"turns": [oops\n')
     proc = dspec(
-        "eval", "--target", tiny.target, "--draft", tiny.draft,
-        "--prompts", prompts, "--out", tmp_path / "r",
+        "eval",
+        "--target",
+        tiny.target,
+        "--draft",
+        tiny.draft,
+        "--prompts",
+        prompts,
+        "--out",
+        tmp_path / "r",
     )
     assert_clean_error(proc, "mine.jsonl", "line 3")
 
@@ -106,15 +123,33 @@ def _free_port() -> int:
 def test_endpoint_that_is_down(tiny, tmp_path):
     url = f"http://127.0.0.1:{_free_port()}"
     proc = dspec(
-        "eval", "--engine", "endpoint", "--endpoint", url, "--target", tiny.target,
-        "--num-prompts", "1", "--out", tmp_path / "r", timeout=120,
+        "eval",
+        "--engine",
+        "endpoint",
+        "--endpoint",
+        url,
+        "--target",
+        tiny.target,
+        "--num-prompts",
+        "1",
+        "--out",
+        tmp_path / "r",
+        timeout=120,
     )
     assert_clean_error(proc, url)
 
 
 def test_missing_target_directory(tmp_path):
-    proc = dspec("models", "draft-init", "--target", tmp_path / "absent", "--layers", "1",
-                 "--out", tmp_path / "d")
+    proc = dspec(
+        "models",
+        "draft-init",
+        "--target",
+        tmp_path / "absent",
+        "--layers",
+        "1",
+        "--out",
+        tmp_path / "d",
+    )
     assert_clean_error(proc, "absent")
 
 

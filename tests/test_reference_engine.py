@@ -27,15 +27,6 @@ ALPHA = 1e-3
 GREEDY = GenerationConfig(max_new_tokens=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
-    spin against other processes make each step up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def engine(tiny):

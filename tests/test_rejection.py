@@ -34,15 +34,6 @@ N = 40_000
 START = 0  # the token before the first emitted one
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine OpenMP threads that
-    spin against other processes make each step up to 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.sum(-1, keepdim=True)

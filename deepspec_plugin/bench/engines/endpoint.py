@@ -247,18 +247,7 @@ class EndpointEngine(Engine):
 
     def _delta(self, before, after, num_requests: int) -> SpecCounts:
         if self.flavor == "vllm":
-            n = max(len(before.accepted_per_position), len(after.accepted_per_position))
-            b = before.accepted_per_position + [0] * (n - len(before.accepted_per_position))
-            a = after.accepted_per_position + [0] * (n - len(after.accepted_per_position))
-            # One entry per position 0..k-1, as SpecCounts.record_draft counts; none without drafts.
-            drafts = after.num_drafts - before.num_drafts
-            positions = [x - y for x, y in zip(a, b)] if drafts else []
-            return SpecCounts(
-                drafts,
-                after.num_draft_tokens - before.num_draft_tokens,
-                after.num_accepted_tokens - before.num_accepted_tokens,
-                positions,
-            )
+            return after.since(before)
         accepted = round(after[0] - before[0])
         steps = round(after[1] - before[1])
         if steps == 0:

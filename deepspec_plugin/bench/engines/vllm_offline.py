@@ -389,7 +389,7 @@ class _Worker:
                 intervals.append((stats.last_token_ts - stats.first_token_ts) / (n - 1))
         metric_counts = None
         if before is not None and after is not None:
-            metric_counts = _delta(after, before).to_dict()
+            metric_counts = after.since(before).to_dict()
         return {
             "ok": True,
             "generations": generations,
@@ -445,21 +445,6 @@ def _metric_counts(llm) -> SpecCounts | None:
         ):
             out.add(SpecCounts(accepted_per_position=[int(v) for v in metric.values]))
     return out if found else None
-
-
-def _delta(after: SpecCounts, before: SpecCounts) -> SpecCounts:
-    n = max(len(after.accepted_per_position), len(before.accepted_per_position))
-    a = after.accepted_per_position + [0] * (n - len(after.accepted_per_position))
-    b = before.accepted_per_position + [0] * (n - len(before.accepted_per_position))
-    drafts = after.num_drafts - before.num_drafts
-    # One entry per position 0..k-1, as SpecCounts.record_draft counts; none without drafts.
-    positions = [x - y for x, y in zip(a, b)] if drafts else []
-    return SpecCounts(
-        num_drafts=drafts,
-        num_draft_tokens=after.num_draft_tokens - before.num_draft_tokens,
-        num_accepted_tokens=after.num_accepted_tokens - before.num_accepted_tokens,
-        accepted_per_position=positions,
-    )
 
 
 def _worker_main() -> None:

@@ -218,8 +218,8 @@ def _print_summary(rows: list[dict]) -> None:
         table.add_column(str(key), justify="left" if key == "category" else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    # Never narrower than the table needs: a log file or a pipe would otherwise get 80 columns.
-    console.print(table, width=max(console.width, 150))
+    # A terminal wraps to its width; a log file or a pipe would otherwise get 80 columns.
+    (console if console.is_terminal else Console(width=160)).print(table)
 
 
 # ------------------------------------------------------------------------------------ quickstart

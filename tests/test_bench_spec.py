@@ -226,3 +226,23 @@ def test_empty_and_missing_prompt_files(tmp_path):
         load_prompt_file(empty)
     with pytest.raises(DspecError, match="does not exist"):
         load_prompt_file(tmp_path / "nope.jsonl")
+
+
+def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
+    # U+2028 is a line break to str.splitlines() but legal inside a JSON string.
+    from deepspec_plugin.bench.prompts import load_prompt_file
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"turns": ["one\u2028two"]}\n{"turns": ["three"]}\n', encoding="utf-8")
+    assert load_prompt_file(path) == [["one\u2028two"], ["three"]]
+
+
+def test_every_shipped_prompt_file_loads():
+    from deepspec_plugin.bench.prompts import load_prompt_file
+    from deepspec_plugin.bench.spec import PROMPTS_DIR
+    from train.data import DEFAULT_PROMPT_FILES
+
+    files = sorted(PROMPTS_DIR.glob("*.jsonl")) + list(DEFAULT_PROMPT_FILES)
+    assert len(files) == 11
+    for f in files:
+        assert load_prompt_file(f), f

@@ -157,3 +157,19 @@ def test_missing_target_directory(tmp_path):
 def test_malformed_lists(tiny, tmp_path, args):
     proc = dspec("eval", "--target", tiny.target, "--draft", tiny.draft, *args, "--out", tmp_path)
     assert_clean_error(proc)
+
+
+def test_data_generate_resumes_and_refuses_other_settings(tiny, tmp_path):
+    out = tmp_path / "data"
+    args = ["data", "generate", "--target", tiny.target, "--out", out, "--num-prompts", "3"]
+    args += ["--max-new-tokens", "8", "--shard-size", "2", "--topk", "8"]
+    first = dspec(*args)
+    assert first.returncode == 0, first.stderr
+    assert "bytes per response token" in first.stdout
+    manifest = (out / "manifest.json").read_text()
+    again = dspec(*args)  # complete already: nothing changes
+    assert again.returncode == 0, again.stderr
+    assert (out / "manifest.json").read_text() == manifest
+    other = dspec(*args, "--temperature", "0.8")
+    assert_clean_error(other, "temperature")
+    assert (out / "manifest.json").read_text() == manifest

@@ -183,7 +183,8 @@ def coarsen(draft_logits: torch.Tensor, target: Any, temperature: float = 1.0) -
         )
 
     ids, probs = signal.topk_ids, signal.topk_probs
-    if ids.is_floating_point() or ids.shape != probs.shape or ids.shape[:-1] != draft_logits.shape[:-1]:
+    aligned = ids.shape == probs.shape and ids.shape[:-1] == draft_logits.shape[:-1]
+    if ids.is_floating_point() or not aligned:
         raise DspecError(
             f"top-k signal of shapes ids {tuple(ids.shape)} ({ids.dtype}), probs "
             f"{tuple(probs.shape)} does not fit draft logits {tuple(draft_logits.shape)}",
@@ -261,7 +262,9 @@ def hard_labels(target: Any) -> torch.Tensor:
     return signal.topk_ids.gather(-1, top.to(signal.topk_ids.device)).squeeze(-1)
 
 
-def ce_per_token(draft_logits: torch.Tensor, target: Any, temperature: float = 1.0) -> torch.Tensor:
+def ce_per_token(
+    draft_logits: torch.Tensor, target: Any, temperature: float = 1.0
+) -> torch.Tensor:
     """-log q(label) per token (q at the serving temperature); 0 where the label is negative."""
     import torch
 
@@ -349,7 +352,7 @@ def parse_loss_spec(spec: str) -> list[LossTerm]:
 
 @dataclass
 class DistillLoss:
-    """A parsed loss spec at a serving temperature; call it as ``loss(draft_logits, target, mask)``."""
+    """A parsed loss spec at a serving temperature: ``loss(draft_logits, target, mask)``."""
 
     terms: list[LossTerm]
     temperature: float = 1.0
@@ -363,10 +366,14 @@ class DistillLoss:
         """False when only hard labels are needed (``ce``): no logits or top-k required."""
         return any(t.name != "ce" for t in self.terms)
 
-    def parts(self, draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def parts(
+        self, draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Each term's unweighted masked mean, keyed by its spec (``"jsd:0.5"``, ``"tvd"``)."""
         signal = as_target_signal(target)
-        buckets = coarsen(draft_logits, signal, self.temperature) if self.needs_distribution else None
+        buckets = None
+        if self.needs_distribution:  # one coarsening shared by every term
+            buckets = coarsen(draft_logits, signal, self.temperature)
         out: dict[str, torch.Tensor] = {}
         for term in self.terms:
             key = str(LossTerm(term.name, 1.0, term.beta))
@@ -390,7 +397,9 @@ class DistillLoss:
             out[key] = masked_mean(per_token, mask)
         return out
 
-    def __call__(self, draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         parts = self.parts(draft_logits, target, mask)
         total = None
         for term in self.terms:
@@ -412,7 +421,10 @@ def make_loss(spec: str, temperature: float = 1.0) -> Callable[..., torch.Tensor
 
 
 def acceptance_from_tvd(
-    draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None, temperature: float = 1.0
+    draft_logits: torch.Tensor,
+    target: Any,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Expected speculative-sampling acceptance, 1 - TVD(p, q), masked mean over tokens.
 
@@ -425,7 +437,9 @@ def acceptance_from_tvd(
         return masked_mean(1.0 - tvd_per_token(coarsen(draft_logits, target, temperature)), mask)
 
 
-def greedy_agreement(draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_agreement(
+    draft_logits: torch.Tensor, target: Any, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fraction of tokens whose draft argmax equals the target's (labels, argmax or top-1): the
     per-token acceptance of greedy (T = 0) speculative decoding, teacher-forced."""
     import torch

@@ -28,7 +28,7 @@ def load_prompt_file(path: str | Path) -> list[list[str]]:
                          "give a UTF-8 JSON Lines file") from e
     prompts: list[list[str]] = []
     fix = 'write one JSON object per line: {"turns": ["a user message", ...]}'
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"prompt file {path}, line {lineno}"

@@ -169,6 +169,61 @@ def data_generate(
     )
 
 
+@app.command("train")
+def train_command(
+    target: Annotated[str, typer.Option(help="Target directory, or 'reference'.")],
+    data: Annotated[Path, typer.Option(help="Data directory from `dspec data generate`.")],
+    out: Annotated[Path, typer.Option(help="Run directory (checkpoints; the draft in out/draft).")],
+    draft_init: Annotated[
+        str, typer.Option(help="layers:N (the target's first N layers) or a model directory.")
+    ] = "layers:2",
+    loss: Annotated[
+        str, typer.Option(help="ce, fkl, rkl, jsd:BETA, tvd, or a mix: tvd+0.5*fkl.")
+    ] = "tvd",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Samples per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
+    temperature: Annotated[
+        float, typer.Option(help="The temperature the draft will serve at.")
+    ] = 1.0,
+    eval_every: Annotated[int, typer.Option(help="Held-out acceptance every N steps.")] = 50,
+    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 0,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in --out.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+):
+    """Distil a draft for the target on regenerated data (one process; LoRA, torchrun to come)."""
+    from deepspec_plugin.models import resolve_model
+    from train.trainer import train
+
+    result = train(
+        resolve_model(target),
+        data,
+        out,
+        draft_init=draft_init,
+        loss=loss,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        temperature=temperature,
+        eval_every=eval_every,
+        save_every=save_every,
+        seed=seed,
+        resume=resume,
+        device=device,
+    )
+    console.print(
+        f"Held-out acceptance (1 - TVD): {result.start_acceptance:.3f} -> "
+        f"{result.final_acceptance:.3f} after {result.steps} steps "
+        f"({result.tokens_per_second:.0f} tokens/s)"
+    )
+    console.print(f"Draft: {result.draft}")
+
+
 # ------------------------------------------------------------------------------------------ eval
 
 

@@ -173,3 +173,21 @@ def test_data_generate_resumes_and_refuses_other_settings(tiny, tmp_path):
     other = dspec(*args, "--temperature", "0.8")
     assert_clean_error(other, "temperature")
     assert (out / "manifest.json").read_text() == manifest
+
+
+def test_train_end_to_end_and_refusals(tiny, tmp_path):
+    data = tmp_path / "data"
+    gen = ["data", "generate", "--target", tiny.target, "--out", data, "--num-prompts", "4"]
+    assert dspec(*gen, "--max-new-tokens", "16", "--topk", "8").returncode == 0
+    run = ["train", "--target", tiny.target, "--data", data, "--out", tmp_path / "run"]
+    run += ["--draft-init", "layers:1", "--steps", "6", "--batch-size", "2", "--eval-every", "3"]
+    done = dspec(*run)
+    assert done.returncode == 0, done.stderr
+    assert "Held-out acceptance" in done.stdout
+    manifest = json.loads((tmp_path / "run" / "draft" / "deepspec.json").read_text())
+    assert manifest["loss"] == "tvd" and manifest["steps"] == 6
+    assert_clean_error(dspec(*run), "run")  # the run directory exists: nothing is overwritten
+    other = ["train", "--target", tiny.target_updated, "--data", data, "--out", tmp_path / "r2"]
+    assert_clean_error(dspec(*other), "another target")
+    bad_loss = ["train", "--target", tiny.target, "--data", data, "--out", tmp_path / "r3"]
+    assert_clean_error(dspec(*bad_loss, "--loss", "kl"), "kl")

@@ -85,13 +85,17 @@ def split_by_prompt(samples: list, eval_fraction: float, seed: int) -> tuple[lis
             "generate data from more prompts",
         )
     if not 0.0 < eval_fraction < 1.0:
-        raise DspecError(f"eval_fraction must be in (0, 1), got {eval_fraction}",
-                         "use a small fraction such as 0.05")
+        raise DspecError(
+            f"eval_fraction must be in (0, 1), got {eval_fraction}",
+            "use a small fraction such as 0.05",
+        )
     random.Random(f"split:{seed}").shuffle(prompts)
     n_eval = min(len(prompts) - 1, max(1, round(eval_fraction * len(prompts))))
     held = set(prompts[:n_eval])
-    return ([s for s in samples if s.prompt_index not in held],
-            [s for s in samples if s.prompt_index in held])
+    return (
+        [s for s in samples if s.prompt_index not in held],
+        [s for s in samples if s.prompt_index in held],
+    )
 
 
 def batch_indices(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -155,8 +159,9 @@ def collate(samples: list, device: str = "cpu") -> dict[str, Any]:
 def _signal(batch: dict[str, Any], signal_temperature: float):
     from train.losses import TargetSignal
 
-    return TargetSignal(topk_ids=batch["topk_ids"], topk_probs=batch["topk_probs"],
-                        temperature=signal_temperature)
+    return TargetSignal(
+        topk_ids=batch["topk_ids"], topk_probs=batch["topk_probs"], temperature=signal_temperature
+    )
 
 
 def _draft_logits(model, batch: dict[str, Any]):
@@ -176,8 +181,15 @@ def lr_factor(step: int, steps: int, warmup_steps: int) -> float:
     return MIN_LR_RATIO + (1.0 - MIN_LR_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def evaluate(model, samples: list, *, batch_size: int, temperature: float,
-             signal_temperature: float, device: str = "cpu") -> dict[str, float]:
+def evaluate(
+    model,
+    samples: list,
+    *,
+    batch_size: int,
+    temperature: float,
+    signal_temperature: float,
+    device: str = "cpu",
+) -> dict[str, float]:
     """Token-weighted held-out 1 - TVD (``acceptance``) and greedy agreement of the draft."""
     import torch
 
@@ -197,8 +209,7 @@ def evaluate(model, samples: list, *, batch_size: int, temperature: float,
             greedy += float(greedy_agreement(logits, signal, batch["mask"])) * n
             tokens += n
     model.train(was_training)
-    return {"acceptance": acc / max(tokens, 1), "greedy": greedy / max(tokens, 1),
-            "tokens": tokens}
+    return {"acceptance": acc / max(tokens, 1), "greedy": greedy / max(tokens, 1), "tokens": tokens}
 
 
 def _autocast(device: str):
@@ -218,8 +229,11 @@ def _data_fingerprint(data: Path) -> str:
     from train.data import load_manifest
 
     m = load_manifest(data)
-    payload = {"target": m.target_fingerprint, "settings": m.settings,
-               "shards": [(s.file, s.sha256) for s in m.shards]}
+    payload = {
+        "target": m.target_fingerprint,
+        "settings": m.settings,
+        "shards": [(s.file, s.sha256) for s in m.shards],
+    }
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -231,25 +245,34 @@ def _init_draft(target: Path, spec: str, out: Path) -> Path:
         try:
             layers = int(spec.split(":", 1)[1])
         except ValueError:
-            raise DspecError(f"invalid draft init {spec!r}", "use layers:N or a model directory")
+            raise DspecError(
+                f"invalid draft init {spec!r}", "use layers:N or a model directory"
+            ) from None
         init = out / "init"
         if not init.is_dir():  # on resume it is already there (its fingerprint is checked)
             draft_init(target, layers, init)
     elif spec.startswith("fresh:"):
-        raise DspecError(f"draft init {spec!r} is not supported yet",
-                         "use layers:N or an existing model directory")
+        raise DspecError(
+            f"draft init {spec!r} is not supported yet",
+            "use layers:N or an existing model directory",
+        )
     else:
         init = Path(spec).expanduser()
         if not init.is_dir():
-            raise DspecError(f"draft init {spec!r} is neither layers:N nor a model directory",
-                             "pass layers:N or the path of a same-tokenizer model directory")
+            raise DspecError(
+                f"draft init {spec!r} is neither layers:N nor a model directory",
+                "pass layers:N or the path of a same-tokenizer model directory",
+            )
     check_pair(target, init)
     return init
 
 
 def _diff(old: dict, new: dict) -> list[str]:
-    return [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -260,13 +283,20 @@ def _checkpoint_dirs(out: Path) -> list[Path]:
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-             and p.name[5:].isdigit() and (p / "state.json").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name.startswith("step-")
+        and p.name[5:].isdigit()
+        and (p / "state.json").is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: dict[str, Any],
-                    keep_last: int) -> Path:
+def save_checkpoint(
+    out: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep_last: int
+) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -287,9 +317,14 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: di
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         py_state = random.getstate()
-        full = dict(state, step=step, optimizer_param_groups=opt["param_groups"],
-                    optimizer_scalars=scalars, scheduler=scheduler.state_dict(),
-                    rng_python=[py_state[0], list(py_state[1]), py_state[2]])
+        full = dict(
+            state,
+            step=step,
+            optimizer_param_groups=opt["param_groups"],
+            optimizer_scalars=scalars,
+            scheduler=scheduler.state_dict(),
+            rng_python=[py_state[0], list(py_state[1]), py_state[2]],
+        )
         (tmp / "state.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
         if dest.exists():  # a rerun of the same step: replace it
@@ -303,8 +338,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, state: di
     return dest
 
 
-def load_checkpoint(ckpt: Path, model_device: str, optimizer_factory):
-    """(model, optimizer, state dict) from a checkpoint, read with safetensors and JSON only."""
+def load_checkpoint(ckpt: Path, model_device: str, optimizer_factory, scheduler_factory):
+    """(model, optimizer, scheduler, state dict) from a checkpoint: safetensors and JSON only."""
     import torch
     from safetensors.torch import load_file
 
@@ -313,13 +348,16 @@ def load_checkpoint(ckpt: Path, model_device: str, optimizer_factory):
     state = json.loads((ckpt / "state.json").read_text())
     model = load_causal_lm(ckpt / "draft", device=model_device).requires_grad_(True).train()
     optimizer = optimizer_factory(model)
+    # The scheduler first: creating it sets the groups' lr, which the saved state then overrides.
+    scheduler = scheduler_factory(optimizer)
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith("state."):
             _, idx, key = name.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = value.to(model_device) \
-                if key != "step" else value
+            opt_state.setdefault(int(idx), {})[key] = (
+                value.to(model_device) if key != "step" else value
+            )
     for name, value in state["optimizer_scalars"].items():
         idx, key = name.split(".", 1)
         opt_state.setdefault(int(idx), {})[key] = value
@@ -328,10 +366,11 @@ def load_checkpoint(ckpt: Path, model_device: str, optimizer_factory):
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     v, s, g = state["rng_python"]
     random.setstate((v, tuple(s), g))
-    return model, optimizer, state
+    return model, optimizer, scheduler, state
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -404,12 +443,18 @@ def train(
     target, data, out = Path(target), Path(data), Path(out)
     # Checks first: nothing is written before they pass.
     if out.exists() and not resume:
-        raise DspecError(f"{out} already exists",
-                         "choose a new --out, or pass --resume to continue a run there")
+        raise DspecError(
+            f"{out} already exists", "choose a new --out, or pass --resume to continue a run there"
+        )
     if resume and (out / "draft" / DRAFT_MANIFEST).is_file():
         raise DspecError(f"the run in {out} is already finished", "choose a new --out")
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum),
-                        ("eval_every", eval_every), ("save_every", save_every)):
+    for name, value in (
+        ("steps", steps),
+        ("batch_size", batch_size),
+        ("grad_accum", grad_accum),
+        ("eval_every", eval_every),
+        ("save_every", save_every),
+    ):
         if value < 1:
             raise DspecError(f"{name} must be >= 1, got {value}", f"pass a positive {name}")
     data_manifest = check_data_target(data, target)
@@ -420,8 +465,14 @@ def train(
     samples = list(read_data(data))
     train_set, held_out = split_by_prompt(samples, eval_fraction, seed)
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    init_dir = _init_draft(target, draft_init, out)
+    try:
+        init_dir = _init_draft(target, draft_init, out)
+    except BaseException:
+        if created:  # a refused init leaves nothing behind (a rerun would find `out` existing)
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     run = {
         "target_fingerprint": fingerprint(target),
         "data_fingerprint": _data_fingerprint(data),
@@ -429,18 +480,25 @@ def train(
         "init_fingerprint": fingerprint(init_dir),
         "loss": loss_fn.spec,
         "temperature": float(temperature),
-        "steps": steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
-        "warmup_steps": warmup_steps, "eval_fraction": eval_fraction, "seed": seed,
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "warmup_steps": warmup_steps,
+        "eval_fraction": eval_fraction,
+        "seed": seed,
     }
 
     def make_optimizer(model):
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                 weight_decay=0.0)
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps, warmup_steps))
+            optimizer, lambda s: lr_factor(s, steps, warmup_steps)
+        )
 
+    for stale in (out / CHECKPOINTS).glob(".step-*.tmp-*"):  # what a kill mid-save leaves
+        shutil.rmtree(stale, ignore_errors=True)
     checkpoints = _checkpoint_dirs(out) if resume else []
     if checkpoints:
         ckpt = checkpoints[-1]
@@ -450,9 +508,9 @@ def train(
                 f"checkpoint {ckpt} is from another run ({'; '.join(_diff(recorded, run))})",
                 "resume with the same target, data, init, loss and settings, or use a new --out",
             )
-        model, optimizer, state = load_checkpoint(ckpt, device, make_optimizer)
-        scheduler = make_scheduler(optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        model, optimizer, scheduler, state = load_checkpoint(
+            ckpt, device, make_optimizer, make_scheduler
+        )
         step, consumed = state["step"], state["samples_consumed"]
         tokens_trained, evals = state["tokens_trained"], state["evals"]
         log(f"resumed from {ckpt} at step {step}")
@@ -465,19 +523,27 @@ def train(
         step = consumed = tokens_trained = 0
         evals = []
 
-    eval_args = dict(batch_size=batch_size, temperature=temperature,
-                     signal_temperature=signal_temperature, device=device)
+    eval_args = dict(
+        batch_size=batch_size,
+        temperature=temperature,
+        signal_temperature=signal_temperature,
+        device=device,
+    )
 
     def run_eval() -> None:
         if evals and evals[-1]["step"] == step:
             return
         e = {"step": step, **evaluate(model, held_out, **eval_args)}
         evals.append(e)
-        log(f"step {step}: held-out acceptance (1-TVD) {e['acceptance']:.4f}, "
-            f"greedy agreement {e['greedy']:.4f} over {e['tokens']} tokens")
+        log(
+            f"step {step}: held-out acceptance (1-TVD) {e['acceptance']:.4f}, "
+            f"greedy agreement {e['greedy']:.4f} over {e['tokens']} tokens"
+        )
 
-    log(f"{len(train_set)} train / {len(held_out)} held-out samples, loss {loss_fn.spec}, "
-        f"init {draft_init}, {steps} steps")
+    log(
+        f"{len(train_set)} train / {len(held_out)} held-out samples, loss {loss_fn.spec}, "
+        f"init {draft_init}, {steps} steps"
+    )
     run_eval()
     started, tokens_at_start = time.perf_counter(), tokens_trained
     while step < steps:
@@ -491,7 +557,7 @@ def train(
                 logits = _draft_logits(model, batch)
             value = loss_fn(logits, _signal(batch, signal_temperature), batch["mask"])
             (value / grad_accum).backward()
-            step_loss += float(value) / grad_accum
+            step_loss += value.item() / grad_accum
             tokens_trained += int(batch["mask"].sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         optimizer.step()
@@ -501,19 +567,31 @@ def train(
         elapsed = time.perf_counter() - started
         rate = (tokens_trained - tokens_at_start) / max(elapsed, 1e-9)
         if step % 10 == 0 or step == steps:
-            log(f"step {step}/{steps}: loss {step_loss:.4f}, lr {scheduler.get_last_lr()[0]:.2e}, "
-                f"{rate:.0f} tokens/s")
+            log(
+                f"step {step}/{steps}: loss {step_loss:.4f}, lr {scheduler.get_last_lr()[0]:.2e}, "
+                f"{rate:.0f} tokens/s"
+            )
         if step % eval_every == 0 or step == steps:
             run_eval()
         stopping = stop_at is not None and step >= stop_at and step < steps
         if step % save_every == 0 or stopping:
-            state = {"run": run, "samples_consumed": consumed, "tokens_trained": tokens_trained,
-                     "evals": evals}
+            state = {
+                "run": run,
+                "samples_consumed": consumed,
+                "tokens_trained": tokens_trained,
+                "evals": evals,
+            }
             path = save_checkpoint(out, step, model, optimizer, scheduler, state, keep_last)
             log(f"saved {path}")
         if stopping:
-            return TrainResult(out=out, draft=None, steps=step, tokens_trained=tokens_trained,
-                               tokens_per_second=rate, evals=evals)
+            return TrainResult(
+                out=out,
+                draft=None,
+                steps=step,
+                tokens_trained=tokens_trained,
+                tokens_per_second=rate,
+                evals=evals,
+            )
 
     elapsed = time.perf_counter() - started
     rate = (tokens_trained - tokens_at_start) / max(elapsed, 1e-9)
@@ -527,23 +605,39 @@ def train(
         "init": {"spec": draft_init, "fingerprint": run["init_fingerprint"]},
         "loss": loss_fn.spec,
         "temperature": float(temperature),
-        "data": {"path": str(data.resolve()),
-                 "target_fingerprint": data_manifest.target_fingerprint,
-                 "samples": len(samples), "train_samples": len(train_set),
-                 "held_out_samples": len(held_out)},
+        "data": {
+            "path": str(data.resolve()),
+            "target_fingerprint": data_manifest.target_fingerprint,
+            "samples": len(samples),
+            "train_samples": len(train_set),
+            "held_out_samples": len(held_out),
+        },
         "steps": step,
         "tokens_trained": tokens_trained,
-        "held_out": {"acceptance": final["acceptance"], "greedy_agreement": final["greedy"],
-                     "start_acceptance": evals[0]["acceptance"],
-                     "start_greedy_agreement": evals[0]["greedy"], "tokens": final["tokens"]},
+        "held_out": {
+            "acceptance": final["acceptance"],
+            "greedy_agreement": final["greedy"],
+            "start_acceptance": evals[0]["acceptance"],
+            "start_greedy_agreement": evals[0]["greedy"],
+            "tokens": final["tokens"],
+        },
         "tokens_per_second": rate,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     draft = _write_draft(out, model, target, manifest)
-    log(f"wrote {draft}: held-out acceptance {evals[0]['acceptance']:.4f} -> "
-        f"{final['acceptance']:.4f}, {rate:.0f} tokens/s")
-    return TrainResult(out=out, draft=draft, steps=step, tokens_trained=tokens_trained,
-                       tokens_per_second=rate, evals=evals, manifest=manifest)
+    log(
+        f"wrote {draft}: held-out acceptance {evals[0]['acceptance']:.4f} -> "
+        f"{final['acceptance']:.4f}, {rate:.0f} tokens/s"
+    )
+    return TrainResult(
+        out=out,
+        draft=draft,
+        steps=step,
+        tokens_trained=tokens_trained,
+        tokens_per_second=rate,
+        evals=evals,
+        manifest=manifest,
+    )
 
 
 def _probe_signal(signal_temperature: float):
@@ -553,9 +647,21 @@ def _probe_signal(signal_temperature: float):
 
     from train.losses import TargetSignal
 
-    return TargetSignal(topk_ids=torch.zeros(1, 1, 1, dtype=torch.long),
-                        topk_probs=torch.ones(1, 1, 1), temperature=signal_temperature)
+    return TargetSignal(
+        topk_ids=torch.zeros(1, 1, 1, dtype=torch.long),
+        topk_probs=torch.ones(1, 1, 1),
+        temperature=signal_temperature,
+    )
 
 
-__all__ = ["TrainResult", "train", "evaluate", "collate", "split_by_prompt", "batch_indices",
-           "lr_factor", "save_checkpoint", "load_checkpoint"]
+__all__ = [
+    "TrainResult",
+    "train",
+    "evaluate",
+    "collate",
+    "split_by_prompt",
+    "batch_indices",
+    "lr_factor",
+    "save_checkpoint",
+    "load_checkpoint",
+]

@@ -194,8 +194,17 @@ def train_command(
         bool, typer.Option(help="Continue from the newest checkpoint in --out.")
     ] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    lora: Annotated[
+        str | None,
+        typer.Option(
+            help="Train a LoRA adapter instead of all weights: r=R[,alpha=A]"
+            "[,targets=q_proj+v_proj...][,dropout=P] (alpha defaults to 2r, targets to all "
+            "attention and MLP projections); out/draft is the merged model, out/adapter the "
+            "adapter."
+        ),
+    ] = None,
 ):
-    """Distil a draft for the target on regenerated data (one process; LoRA, torchrun to come)."""
+    """Distil a draft for the target on regenerated data (one process; torchrun to come)."""
     from deepspec_plugin.models import resolve_model
     from train.trainer import train
 
@@ -215,6 +224,7 @@ def train_command(
         seed=seed,
         resume=resume,
         device=device,
+        lora=lora,
     )
     console.print(
         f"Held-out acceptance (1 - TVD): {result.start_acceptance:.3f} -> "

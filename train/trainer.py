@@ -26,7 +26,14 @@ k steps, a kill, and a resume to N give the same weights.
 **Output**: ``out/draft``, a Hugging Face checkpoint with the target's tokenizer files and a
 ``deepspec.json`` draft manifest, renamed into place when complete.
 
-Not here yet: LoRA/PEFT, torchrun data parallel / FSDP, on-policy batches, ``fresh:`` inits.
+**LoRA** (``lora="r=16,alpha=32,targets=q_proj+v_proj"``, see `train.lora`): the draft is
+wrapped with PEFT after initialisation (base frozen, only the adapter trains; the trainable/total
+parameter counts are logged); checkpoints hold the adapter weights, and resume rebuilds the base
+from the init and loads them; the output is ``out/adapter`` (PEFT ``save_pretrained``) and
+``out/draft`` = the merged model, a plain checkpoint; the spec is in the run identity and the
+manifest (``"lora"``).
+
+Not here yet: torchrun data parallel / FSDP, on-policy batches, ``fresh:`` inits.
 """
 
 from __future__ import annotations
@@ -338,15 +345,24 @@ def save_checkpoint(
     return dest
 
 
-def load_checkpoint(ckpt: Path, model_device: str, optimizer_factory, scheduler_factory):
-    """(model, optimizer, scheduler, state dict) from a checkpoint: safetensors and JSON only."""
+def load_checkpoint(
+    ckpt: Path, model_device: str, optimizer_factory, scheduler_factory, load_model=None
+):
+    """(model, optimizer, scheduler, state dict) from a checkpoint: safetensors and JSON only.
+
+    ``load_model(ckpt / "draft")`` builds the model when the checkpoint is not a full model (a
+    LoRA adapter); by default the checkpoint's draft is loaded as a causal LM.
+    """
     import torch
     from safetensors.torch import load_file
 
     from deepspec_plugin.models import load_causal_lm
 
     state = json.loads((ckpt / "state.json").read_text())
-    model = load_causal_lm(ckpt / "draft", device=model_device).requires_grad_(True).train()
+    if load_model is not None:
+        model = load_model(ckpt / "draft").train()
+    else:
+        model = load_causal_lm(ckpt / "draft", device=model_device).requires_grad_(True).train()
     optimizer = optimizer_factory(model)
     # The scheduler first: creating it sets the groups' lr, which the saved state then overrides.
     scheduler = scheduler_factory(optimizer)
@@ -399,6 +415,22 @@ def _write_draft(out: Path, model, target: Path, manifest: dict[str, Any]) -> Pa
     return dest
 
 
+def _write_adapter(out: Path, peft_model) -> Path:
+    """out/adapter: the PEFT adapter (safetensors + adapter_config.json), atomically."""
+    dest = out / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=out))
+    try:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        os.chmod(tmp, 0o755)
+        if dest.exists():  # left by a run killed between the adapter and the draft
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -424,16 +456,25 @@ def train(
     device: str = "cpu",
     progress: bool = True,
     stop_at: int | None = None,
+    lora: str | None = None,
 ) -> TrainResult:
     """Distil a draft for `target` on `data` into `out` (see the module docstring).
 
     ``stop_at`` stops after that step (with a checkpoint), as a kill would: the run is resumed
-    with ``resume=True`` and the same arguments.
+    with ``resume=True`` and the same arguments. ``lora`` is a `train.lora.parse_lora` spec.
     """
     import torch
 
     from deepspec_plugin.models import fingerprint, load_causal_lm, tokenizer_fingerprint
     from train.data import check_data_target, read_data
+    from train.lora import (
+        apply_lora,
+        check_targets_of,
+        load_adapter_weights,
+        merge,
+        parameter_counts,
+        parse_lora,
+    )
     from train.losses import make_loss
 
     def log(msg: str) -> None:
@@ -457,6 +498,7 @@ def train(
     ):
         if value < 1:
             raise DspecError(f"{name} must be >= 1, got {value}", f"pass a positive {name}")
+    lora_spec = parse_lora(lora) if lora is not None else None
     data_manifest = check_data_target(data, target)
     signal_temperature = float(data_manifest.settings.get("signal_temperature", 1.0))
     loss_fn = make_loss(loss, temperature)
@@ -469,6 +511,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     try:
         init_dir = _init_draft(target, draft_init, out)
+        if lora_spec is not None:
+            check_targets_of(init_dir, lora_spec)
     except BaseException:
         if created:  # a refused init leaves nothing behind (a rerun would find `out` existing)
             shutil.rmtree(out, ignore_errors=True)
@@ -488,9 +532,12 @@ def train(
         "eval_fraction": eval_fraction,
         "seed": seed,
     }
+    if lora_spec is not None:  # absent for full fine-tuning, so its identity is unchanged
+        run["lora"] = lora_spec.to_json()
 
     def make_optimizer(model):
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+        params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def make_scheduler(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
@@ -508,8 +555,18 @@ def train(
                 f"checkpoint {ckpt} is from another run ({'; '.join(_diff(recorded, run))})",
                 "resume with the same target, data, init, loss and settings, or use a new --out",
             )
+        def load_lora_model(adapter_dir: Path):
+            base = load_causal_lm(init_dir, device=device)
+            peft_model = apply_lora(base, lora_spec)
+            load_adapter_weights(peft_model, adapter_dir)
+            return peft_model
+
         model, optimizer, scheduler, state = load_checkpoint(
-            ckpt, device, make_optimizer, make_scheduler
+            ckpt,
+            device,
+            make_optimizer,
+            make_scheduler,
+            load_model=load_lora_model if lora_spec is not None else None,
         )
         step, consumed = state["step"], state["samples_consumed"]
         tokens_trained, evals = state["tokens_trained"], state["evals"]
@@ -518,6 +575,8 @@ def train(
         torch.manual_seed(seed)
         random.seed(seed)
         model = load_causal_lm(init_dir, device=device).requires_grad_(True).train()
+        if lora_spec is not None:
+            model = apply_lora(model, lora_spec).train()
         optimizer = make_optimizer(model)
         scheduler = make_scheduler(optimizer)
         step = consumed = tokens_trained = 0
@@ -540,6 +599,11 @@ def train(
             f"greedy agreement {e['greedy']:.4f} over {e['tokens']} tokens"
         )
 
+    trainable, total = parameter_counts(model)
+    log(
+        f"{'LoRA ' + lora if lora_spec is not None else 'full fine-tuning'}: "
+        f"{trainable:,} trainable of {total:,} parameters ({trainable / max(total, 1):.2%})"
+    )
     log(
         f"{len(train_set)} train / {len(held_out)} held-out samples, loss {loss_fn.spec}, "
         f"init {draft_init}, {steps} steps"
@@ -624,6 +688,12 @@ def train(
         "tokens_per_second": rate,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if lora_spec is not None:
+        manifest["lora"] = dict(
+            lora_spec.to_json(), adapter="adapter", trainable_parameters=trainable
+        )
+        _write_adapter(out, model)  # before the draft: out/draft is the finished-run marker
+        model = merge(model)
     draft = _write_draft(out, model, target, manifest)
     log(
         f"wrote {draft}: held-out acceptance {evals[0]['acceptance']:.4f} -> "

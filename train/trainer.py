@@ -164,16 +164,29 @@ def collate(samples: list, device: str = "cpu") -> dict[str, Any]:
 
 
 def _signal(batch: dict[str, Any], signal_temperature: float):
+    """The target signal at the response positions only, as ``[1, N, K]`` (see _draft_logits)."""
     from train.losses import TargetSignal
 
+    m = batch["mask"]
     return TargetSignal(
-        topk_ids=batch["topk_ids"], topk_probs=batch["topk_probs"], temperature=signal_temperature
+        topk_ids=batch["topk_ids"][m].unsqueeze(0),
+        topk_probs=batch["topk_probs"][m].unsqueeze(0),
+        temperature=signal_temperature,
     )
 
 
 def _draft_logits(model, batch: dict[str, Any]):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits[:, :-1]
+    """The draft's logits at the response positions only, as ``[1, N, V]``.
+
+    The head over the whole vocabulary (49152 for the reference target) at every prompt position
+    would dominate time and memory; only the N positions that predict a response token are needed.
+    Losses over these N rows need no mask: their mean is the masked mean over the batch.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    hidden = base.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
+    return base.lm_head(hidden[:, :-1][batch["mask"]]).unsqueeze(0)
 
 
 # --- schedule, eval -----------------------------------------------------------------------------
@@ -212,8 +225,10 @@ def evaluate(
             logits = _draft_logits(model, batch).float()
             signal = _signal(batch, signal_temperature)
             n = int(batch["mask"].sum())
-            acc += float(acceptance_from_tvd(logits, signal, batch["mask"], temperature)) * n
-            greedy += float(greedy_agreement(logits, signal, batch["mask"])) * n
+            if n == 0:
+                continue
+            acc += float(acceptance_from_tvd(logits, signal, None, temperature)) * n
+            greedy += float(greedy_agreement(logits, signal, None)) * n
             tokens += n
     model.train(was_training)
     return {"acceptance": acc / max(tokens, 1), "greedy": greedy / max(tokens, 1), "tokens": tokens}
@@ -619,7 +634,7 @@ def train(
             batch = collate([train_set[i] for i in picked], device)
             with _autocast(device):
                 logits = _draft_logits(model, batch)
-            value = loss_fn(logits, _signal(batch, signal_temperature), batch["mask"])
+            value = loss_fn(logits, _signal(batch, signal_temperature), None)
             (value / grad_accum).backward()
             step_loss += value.item() / grad_accum
             tokens_trained += int(batch["mask"].sum())

@@ -6,6 +6,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -139,6 +140,16 @@ def data_generate(
     shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resume).")] = 256,
     overwrite: Annotated[bool, typer.Option(help="Replace data made with other settings.")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Skip prompts longer than this (chat-formatted first turn).")
+    ] = 1024,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible server (vLLM, TGI, SGLang) that serves the target, e.g. "
+            "http://127.0.0.1:8000: it writes the responses, the local target scores them."
+        ),
+    ] = None,
 ):
     """Have the target answer prompts; store tokens, response masks and its top-k probabilities.
 
@@ -160,6 +171,8 @@ def data_generate(
         shard_size=shard_size,
         overwrite=overwrite,
         device=device,
+        max_prompt_tokens=max_prompt_tokens,
+        endpoint=endpoint,
     )
     r = storage_report(out)
     console.print(f"Data: {out} ({manifest.num_samples} samples)")
@@ -175,20 +188,32 @@ def train_command(
     data: Annotated[Path, typer.Option(help="Data directory from `dspec data generate`.")],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints; the draft in out/draft).")],
     draft_init: Annotated[
-        str, typer.Option(help="layers:N (the target's first N layers) or a model directory.")
+        str,
+        typer.Option(
+            help="layers:N (the target's first N layers), fresh[:layers=L,hidden=H,heads=A,"
+            "kv_heads=G,intermediate=I] (random init, the target's family and tokenizer) or a "
+            "model directory."
+        ),
     ] = "layers:2",
     loss: Annotated[
         str, typer.Option(help="ce, fkl, rkl, jsd:BETA, tvd, or a mix: tvd+0.5*fkl.")
     ] = "tvd",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 100,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
-    batch_size: Annotated[int, typer.Option(help="Samples per micro-batch.")] = 8,
+    batch_size: Annotated[
+        int, typer.Option(help="Samples per micro-batch (per process under torchrun).")
+    ] = 8,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per step.")] = 1,
     temperature: Annotated[
         float, typer.Option(help="The temperature the draft will serve at.")
     ] = 1.0,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps (then cosine).")] = 10,
+    eval_fraction: Annotated[
+        float, typer.Option(help="Share of prompts held out for the acceptance eval.")
+    ] = 0.05,
     eval_every: Annotated[int, typer.Option(help="Held-out acceptance every N steps.")] = 50,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 50,
+    keep_last: Annotated[int, typer.Option(help="Checkpoints kept.")] = 2,
     seed: Annotated[int, typer.Option(help="Seed of data order and initialisation.")] = 0,
     resume: Annotated[
         bool, typer.Option(help="Continue from the newest checkpoint in --out.")
@@ -203,8 +228,32 @@ def train_command(
             "adapter."
         ),
     ] = None,
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="stored: the data's top-k target probabilities; online: the target's full "
+            "distributions, computed during training."
+        ),
+    ] = "stored",
+    on_policy: Annotated[
+        float,
+        typer.Option(
+            help="Fraction of micro-batches the draft writes itself and the target scores "
+            "(DistillSpec); needs the target in memory."
+        ),
+    ] = 0.0,
+    parallel: Annotated[
+        str, typer.Option(help="Under torchrun: ddp, or fsdp (shards the draft).")
+    ] = "ddp",
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")
+    ] = "auto",
 ):
-    """Distil a draft for the target on regenerated data (one process; torchrun to come)."""
+    """Distil a draft for the target on regenerated data.
+
+    Data parallel: torchrun --nproc-per-node N -m deepspec_plugin.cli train ... (gloo on CPU,
+    NCCL on GPU; --batch-size is per process).
+    """
     from deepspec_plugin.models import resolve_model
     from train.trainer import train
 
@@ -219,13 +268,22 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         temperature=temperature,
+        warmup_steps=warmup_steps,
+        eval_fraction=eval_fraction,
         eval_every=eval_every,
         save_every=save_every,
+        keep_last=keep_last,
         seed=seed,
         resume=resume,
         device=device,
         lora=lora,
+        teacher=teacher,
+        on_policy=on_policy,
+        parallel=parallel,
+        precision=precision,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return
     console.print(
         f"Held-out acceptance (1 - TVD): {result.start_acceptance:.3f} -> "
         f"{result.final_acceptance:.3f} after {result.steps} steps "

@@ -183,14 +183,14 @@ def test_data_from_another_target_is_refused(tiny, data, tmp_path):
 
 
 def test_bad_init_and_temperature_are_refused(tiny, data, tmp_path):
-    with pytest.raises(DspecError, match="neither layers:N nor a model directory"):
+    with pytest.raises(DspecError, match="neither layers:N, fresh"):
         train(
             tiny.target, data, tmp_path / "x", draft_init=str(tmp_path / "nope"), steps=2, **QUICK
         )
     for spec, message in (
         ("layers:x", "invalid draft init"),
         ("layers:9", "between 1 and"),
-        ("fresh:2", "not supported yet"),
+        ("fresh:2", "invalid fresh draft option"),
     ):
         with pytest.raises(DspecError, match=message):
             train(tiny.target, data, tmp_path / "z", draft_init=spec, steps=2, **QUICK)

@@ -123,6 +123,7 @@ class DataManifest:
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data is shared like any other file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -172,17 +173,29 @@ def shard_name(index: int) -> str:
 # --- generation --------------------------------------------------------------------------------
 
 
-def _load_prompts(prompt_files: list[Path], num_prompts: int | None) -> list[list[str]]:
+def _load_prompts(prompt_files: list[Path], num_prompts: int | None,
+                  keep=None) -> tuple[list[list[str]], int]:
+    """The prompts of all files interleaved round-robin, so that the first N mix every file.
+
+    ``keep(prompt)`` filters (e.g. by length); returns (the first ``num_prompts`` kept prompts,
+    how many were skipped on the way).
+    """
     from deepspec_plugin.bench.prompts import load_prompt_file
 
+    if num_prompts is not None and num_prompts < 1:
+        raise DspecError(f"num_prompts is {num_prompts}", "ask for at least 1 prompt")
+    per_file = [load_prompt_file(path) for path in prompt_files]
     prompts: list[list[str]] = []
-    for path in prompt_files:
-        prompts.extend(load_prompt_file(path))
-    if num_prompts is not None:
-        if num_prompts < 1:
-            raise DspecError(f"num_prompts is {num_prompts}", "ask for at least 1 prompt")
-        prompts = prompts[:num_prompts]
-    return prompts
+    skipped = 0
+    for i in range(max((len(f) for f in per_file), default=0)):
+        for f in per_file:
+            if i >= len(f) or (num_prompts is not None and len(prompts) >= num_prompts):
+                continue
+            if keep is None or keep(f[i]):
+                prompts.append(f[i])
+            else:
+                skipped += 1
+    return prompts, skipped
 
 
 def _differences(old: DataManifest, new: DataManifest) -> list[str]:
@@ -284,8 +297,12 @@ def _generate_shard(engine, model, tokenizer, prompts: list[list[str]], first_in
 
     samples = []
     bs = cfg["batch_size"]
-    for b in range(0, len(prompts), bs):
-        batch = prompts[b : b + bs]
+    # Batch prompts of similar length (a batch is padded to its longest prompt); the samples are
+    # put back in prompt order below, so the order of the shard does not depend on it.
+    order = sorted(range(len(prompts)), key=lambda i: (len(" ".join(prompts[i])), i))
+    for b in range(0, len(order), bs):
+        batch_index = order[b : b + bs]
+        batch = [prompts[i] for i in batch_index]
         answers: list[list[str]] = [[] for _ in batch]
         per_prompt: list[list[dict]] = [[] for _ in batch]
         for turn in range(max(len(p) for p in batch)):
@@ -312,11 +329,12 @@ def _generate_shard(engine, model, tokenizer, prompts: list[list[str]], first_in
                     "topk_ids": tids,
                     "topk_probs": tprobs,
                     "leftover": left,
-                    "index": (first_index + b + i, turn),
+                    "index": (first_index + batch_index[i], turn),
                 })
             on_tokens(sum(len(r) for r in responses))
         for group in per_prompt:
             samples.extend(group)
+    samples.sort(key=lambda s: s["index"])
     return samples
 
 
@@ -368,13 +386,19 @@ def generate_data(
     overwrite: bool = False,
     max_shards: int | None = None,
     device: str = "cpu",
+    max_prompt_tokens: int | None = 1024,
+    endpoint: str | None = None,
 ) -> DataManifest:
     """Regenerate responses with the target and store them with its top-k signal (see module doc).
 
     Resumes an unfinished run in ``out`` made with the same target, prompts and settings; a
     mismatch raises DspecError naming what differs. ``max_shards`` stops after writing that many
     new shards (a run in pieces; the manifest then says ``complete: false``). ``overwrite``
-    discards an existing data directory first.
+    discards an existing data directory first. ``max_prompt_tokens`` skips prompts whose first
+    turn, chat-formatted, is longer (a batch pads to its longest prompt, and the drafts serve
+    short contexts; the count skipped is in the manifest). ``endpoint`` has an OpenAI-compatible
+    server (vLLM, TGI, SGLang) write the responses instead of the local target; the local target
+    still computes the top-k signal (see `train.endpoint`).
     """
     from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
@@ -388,7 +412,23 @@ def generate_data(
             raise DspecError(f"{name} is {value}", f"use {name} >= 1")
     if temperature < 0:
         raise DspecError(f"temperature is {temperature}", "use 0 (greedy) or a positive value")
-    prompts = _load_prompts(prompt_files, num_prompts)
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise DspecError(f"max_prompt_tokens is {max_prompt_tokens}", "use a positive cap or None")
+    from deepspec_plugin.bench.prompts import format_turns
+    from deepspec_plugin.models import load_tokenizer
+
+    tokenizer = load_tokenizer(target)
+    # Prompts are measured before the cap drops the long ones: no "longer than the maximum" noise.
+    tokenizer.model_max_length = 1 << 62
+
+    def short_enough(prompt: list[str]) -> bool:
+        return len(format_turns(tokenizer, prompt[:1], [], True)) <= max_prompt_tokens
+
+    prompts, skipped = _load_prompts(prompt_files, num_prompts,
+                                     short_enough if max_prompt_tokens is not None else None)
+    if not prompts:
+        raise DspecError(f"no prompt is at most {max_prompt_tokens} tokens long",
+                         "raise --max-prompt-tokens")
     vocab_size = _vocab_size_of(target)
     if topk > vocab_size:
         raise DspecError(f"topk {topk} exceeds the vocabulary ({vocab_size})",
@@ -402,7 +442,10 @@ def generate_data(
         settings=dict(num_prompts=num_prompts, max_new_tokens=max_new_tokens,
                            temperature=float(temperature), topk=topk, seed=seed,
                            shard_size=shard_size, batch_size=batch_size,
-                           signal_temperature=float(temperature) if temperature > 0 else 1.0),
+                           signal_temperature=float(temperature) if temperature > 0 else 1.0,
+                           max_prompt_tokens=max_prompt_tokens, prompt_order="interleaved",
+                           skipped_long_prompts=skipped,
+                           engine="endpoint" if endpoint else "local"),
         total_prompts=len(prompts),
     )
     manifest = _prepare_out(out, fresh, overwrite)
@@ -417,11 +460,15 @@ def generate_data(
 
     from deepspec_plugin.bench.engines.reference import ReferenceEngine
     from deepspec_plugin.bench.run import stop_token_ids
-    from deepspec_plugin.models import load_causal_lm, load_tokenizer
+    from deepspec_plugin.models import load_causal_lm
 
-    tokenizer = load_tokenizer(target)
     model = load_causal_lm(target, device=device)
-    engine = ReferenceEngine(model, device=device)
+    if endpoint:
+        from train.endpoint import EndpointGenerator
+
+        engine = EndpointGenerator(endpoint, tokenizer)
+    else:
+        engine = ReferenceEngine(model, device=device)
     stop_ids = tuple(stop_token_ids(tokenizer, target))
     cfg = dict(manifest.settings)
 

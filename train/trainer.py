@@ -128,23 +128,28 @@ def collate(samples: list, device: str = "cpu") -> dict[str, Any]:
     ``input_ids``/``attention_mask`` are ``[B, L]``; ``topk_ids``/``topk_probs`` are
     ``[B, L - 1, K]`` and ``mask`` ``[B, L - 1]``: position t holds the target's distribution for
     token t + 1 (what the draft's logits at t predict), true where token t + 1 is a response token.
+    Samples without a stored signal (on-policy rollouts) give no ``topk_*`` entries.
     """
     import torch
 
     width = max(len(s.input_ids) for s in samples)
-    k = samples[0].topk_ids.shape[-1]
+    with_signal = all(s.topk_ids is not None for s in samples)
     b = len(samples)
     input_ids = torch.zeros((b, width), dtype=torch.long)
     attention = torch.zeros((b, width), dtype=torch.long)
     mask = torch.zeros((b, width - 1), dtype=torch.bool)
-    ids = torch.zeros((b, width - 1, k), dtype=torch.long)
-    probs = torch.zeros((b, width - 1, k), dtype=torch.float32)
+    if with_signal:
+        k = samples[0].topk_ids.shape[-1]
+        ids = torch.zeros((b, width - 1, k), dtype=torch.long)
+        probs = torch.zeros((b, width - 1, k), dtype=torch.float32)
     for i, s in enumerate(samples):
         n = len(s.input_ids)
         input_ids[i, :n] = s.input_ids
         attention[i, :n] = 1
         shifted = s.loss_mask[1:n].bool()  # token t + 1 is a response token
         mask[i, : n - 1] = shifted
+        if not with_signal:
+            continue
         positions = shifted.nonzero().squeeze(-1)
         if len(positions) != len(s.topk_ids):
             raise DspecError(
@@ -154,19 +159,26 @@ def collate(samples: list, device: str = "cpu") -> dict[str, Any]:
             )
         ids[i, positions] = s.topk_ids
         probs[i, positions] = s.topk_probs.float()
-    return {
+    batch = {
         "input_ids": input_ids.to(device),
         "attention_mask": attention.to(device),
         "mask": mask.to(device),
-        "topk_ids": ids.to(device),
-        "topk_probs": probs.to(device),
     }
+    if with_signal:
+        batch.update(topk_ids=ids.to(device), topk_probs=probs.to(device))
+    return batch
 
 
-def _signal(batch: dict[str, Any], signal_temperature: float):
-    """The target signal at the response positions only, as ``[1, N, K]`` (see _draft_logits)."""
+def _signal(batch: dict[str, Any], signal_temperature: float, teacher=None):
+    """The target signal at the response positions only, as ``[1, N, ...]`` (see _draft_logits):
+    the stored top-k, or the full distribution of ``teacher`` (the target, run now) when given or
+    when the batch has no stored signal."""
     from train.losses import TargetSignal
 
+    if teacher is not None or "topk_ids" not in batch:
+        if teacher is None:
+            raise RuntimeError("a batch without a stored signal needs the target online")
+        return TargetSignal(logits=_response_logits(teacher, batch).float())
     m = batch["mask"]
     return TargetSignal(
         topk_ids=batch["topk_ids"][m].unsqueeze(0),
@@ -175,18 +187,45 @@ def _signal(batch: dict[str, Any], signal_temperature: float):
     )
 
 
-def _draft_logits(model, batch: dict[str, Any]):
-    """The draft's logits at the response positions only, as ``[1, N, V]``.
+def _response_logits(model, batch: dict[str, Any]):
+    """A causal LM's logits at the response positions only, as ``[1, N, V]``.
 
     The head over the whole vocabulary (49152 for the reference target) at every prompt position
     would dominate time and memory; only the N positions that predict a response token are needed.
     Losses over these N rows need no mask: their mean is the masked mean over the batch.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    from train.distributed import unwrap
+
+    base = unwrap(model)
     hidden = base.model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     ).last_hidden_state
     return base.lm_head(hidden[:, :-1][batch["mask"]]).unsqueeze(0)
+
+
+def _response_module(model):
+    """`_response_logits` as the forward of a module around the draft, so that DDP and FSDP see
+    (and hook) the whole computation: FSDP gathers the shards in the root's forward."""
+    import torch
+
+    class ResponseLogits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask, mask):
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask}
+            return _response_logits(self.lm, batch)
+
+    return ResponseLogits(model)
+
+
+def _draft_logits(net, batch: dict[str, Any]):
+    """The draft's response logits through `net` (`_response_module`, maybe DDP/FSDP wrapped);
+    a bare causal LM is accepted too."""
+    if hasattr(net, "lm") or hasattr(getattr(net, "module", None), "lm"):
+        return net(batch["input_ids"], batch["attention_mask"], batch["mask"])
+    return _response_logits(net, batch)
 
 
 # --- schedule, eval -----------------------------------------------------------------------------
@@ -219,7 +258,7 @@ def evaluate(
     model.eval()
     acc = greedy = 0.0
     tokens = 0
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), _autocast(device, "fp32"):
         for i in range(0, len(samples), batch_size):
             batch = collate(samples[i : i + batch_size], device)
             logits = _draft_logits(model, batch).float()
@@ -234,16 +273,23 @@ def evaluate(
     return {"acceptance": acc / max(tokens, 1), "greedy": greedy / max(tokens, 1), "tokens": tokens}
 
 
-def _autocast(device: str):
-    """bf16 autocast where the device supports it (CUDA); float32 elsewhere."""
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _autocast(device: str, precision: str = "auto"):
+    """bf16 autocast: ``bf16`` asks for it (CPU or CUDA), ``auto`` uses it on CUDA where the GPU
+    supports it; float32 otherwise (the CPU default: exact and reproducible)."""
     import torch
 
-    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    if precision == "bf16" or (
+        precision == "auto" and kind == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.autocast(kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-# --- run identity, init -------------------------------------------------------------------------
+# --- run identity -------------------------------------------------------------------------------
 
 
 def _data_fingerprint(data: Path) -> str:
@@ -259,149 +305,12 @@ def _data_fingerprint(data: Path) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _init_draft(target: Path, spec: str, out: Path) -> Path:
-    """The initial draft directory for `spec`: ``layers:N`` (written to out/init) or ``PATH``."""
-    from deepspec_plugin.models import check_pair, draft_init
-
-    if spec.startswith("layers:"):
-        try:
-            layers = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise DspecError(
-                f"invalid draft init {spec!r}", "use layers:N or a model directory"
-            ) from None
-        init = out / "init"
-        if not init.is_dir():  # on resume it is already there (its fingerprint is checked)
-            draft_init(target, layers, init)
-    elif spec.startswith("fresh:"):
-        raise DspecError(
-            f"draft init {spec!r} is not supported yet",
-            "use layers:N or an existing model directory",
-        )
-    else:
-        init = Path(spec).expanduser()
-        if not init.is_dir():
-            raise DspecError(
-                f"draft init {spec!r} is neither layers:N nor a model directory",
-                "pass layers:N or the path of a same-tokenizer model directory",
-            )
-    check_pair(target, init)
-    return init
-
-
 def _diff(old: dict, new: dict) -> list[str]:
     return [
         f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
         for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k)
     ]
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def _checkpoint_dirs(out: Path) -> list[Path]:
-    """Complete checkpoints (renamed into place, so any step-N dir is complete), oldest first."""
-    root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir()
-        and p.name.startswith("step-")
-        and p.name[5:].isdigit()
-        and (p / "state.json").is_file()
-    ]
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
-def save_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep_last: int
-) -> Path:
-    import torch
-    from safetensors.torch import save_file
-
-    root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
-        model.save_pretrained(str(tmp / "draft"))
-        opt = optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for idx, entry in opt["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    scalars[f"{idx}.{key}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        py_state = random.getstate()
-        full = dict(
-            state,
-            step=step,
-            optimizer_param_groups=opt["param_groups"],
-            optimizer_scalars=scalars,
-            scheduler=scheduler.state_dict(),
-            rng_python=[py_state[0], list(py_state[1]), py_state[2]],
-        )
-        (tmp / "state.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if dest.exists():  # a rerun of the same step: replace it
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in _checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return dest
-
-
-def load_checkpoint(
-    ckpt: Path, model_device: str, optimizer_factory, scheduler_factory, load_model=None
-):
-    """(model, optimizer, scheduler, state dict) from a checkpoint: safetensors and JSON only.
-
-    ``load_model(ckpt / "draft")`` builds the model when the checkpoint is not a full model (a
-    LoRA adapter); by default the checkpoint's draft is loaded as a causal LM.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from deepspec_plugin.models import load_causal_lm
-
-    state = json.loads((ckpt / "state.json").read_text())
-    if load_model is not None:
-        model = load_model(ckpt / "draft").train()
-    else:
-        model = load_causal_lm(ckpt / "draft", device=model_device).requires_grad_(True).train()
-    optimizer = optimizer_factory(model)
-    # The scheduler first: creating it sets the groups' lr, which the saved state then overrides.
-    scheduler = scheduler_factory(optimizer)
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    opt_state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("state."):
-            _, idx, key = name.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = (
-                value.to(model_device) if key != "step" else value
-            )
-    for name, value in state["optimizer_scalars"].items():
-        idx, key = name.split(".", 1)
-        opt_state.setdefault(int(idx), {})[key] = value
-    groups = state["optimizer_param_groups"]
-    for g in groups:
-        if isinstance(g.get("betas"), list):
-            g["betas"] = tuple(g["betas"])
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    v, s, g = state["rng_python"]
-    random.setstate((v, tuple(s), g))
-    return model, optimizer, scheduler, state
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -472,16 +381,91 @@ def train(
     progress: bool = True,
     stop_at: int | None = None,
     lora: str | None = None,
+    teacher: str = "stored",
+    on_policy: float = 0.0,
+    parallel: str = "ddp",
+    precision: str = "auto",
 ) -> TrainResult:
     """Distil a draft for `target` on `data` into `out` (see the module docstring).
 
     ``stop_at`` stops after that step (with a checkpoint), as a kill would: the run is resumed
     with ``resume=True`` and the same arguments. ``lora`` is a `train.lora.parse_lora` spec.
+    ``teacher="online"`` trains on the target's full distributions, computed now, instead of the
+    stored top-k; ``on_policy`` is the fraction of micro-batches the draft writes itself
+    (`train.on_policy`). Under torchrun, ``batch_size`` is per process (`train.distributed`);
+    ``parallel`` is ``ddp`` or ``fsdp``. ``precision``: ``auto`` (bf16 on CUDA), ``fp32``, ``bf16``.
     """
+    from train import distributed as dist
+    from train.distributed import PARALLEL_MODES
+
+    world, device = dist.setup(device)
+    try:
+        return _train(
+            target, data, out, world=world, draft_init=draft_init, loss=loss, steps=steps, lr=lr,
+            batch_size=batch_size, grad_accum=grad_accum, warmup_steps=warmup_steps,
+            temperature=temperature, eval_fraction=eval_fraction, eval_every=eval_every,
+            save_every=save_every, keep_last=keep_last, seed=seed, resume=resume, device=device,
+            progress=progress, stop_at=stop_at, lora=lora, teacher=teacher, on_policy=on_policy,
+            parallel=parallel if parallel in PARALLEL_MODES else _bad_parallel(parallel),
+            precision=precision,
+        )
+    finally:
+        dist.teardown(world)
+
+
+def _bad_parallel(parallel: str):
+    from train.distributed import PARALLEL_MODES
+
+    raise DspecError(f"unknown parallel mode {parallel!r}", f"use {' or '.join(PARALLEL_MODES)}")
+
+
+TEACHERS = ("stored", "online")
+
+
+def _check_arguments(out: Path, resume: bool, lora_spec, on_policy: float, teacher: str,
+                     parallel: str, precision: str, world, values: dict[str, int]) -> None:
+    if out.exists() and not resume:
+        raise DspecError(
+            f"{out} already exists", "choose a new --out, or pass --resume to continue a run there"
+        )
+    if resume and (out / "draft" / DRAFT_MANIFEST).is_file():
+        raise DspecError(f"the run in {out} is already finished", "choose a new --out")
+    for name, value in values.items():
+        if value < 1:
+            raise DspecError(f"{name} must be >= 1, got {value}", f"pass a positive {name}")
+    if teacher not in TEACHERS:
+        raise DspecError(f"unknown teacher {teacher!r}", f"use {' or '.join(TEACHERS)}")
+    if not 0.0 <= on_policy <= 1.0:
+        raise DspecError(f"on_policy must be a fraction in [0, 1], got {on_policy}",
+                         "e.g. --on-policy 0.25")
+    if precision not in PRECISIONS:
+        raise DspecError(f"unknown precision {precision!r}", f"use {', '.join(PRECISIONS)}")
+    if world.distributed and parallel == "fsdp":
+        if lora_spec is not None:
+            raise DspecError("LoRA under FSDP is not supported",
+                             "LoRA drafts fit one device: use --parallel ddp")
+        if on_policy > 0:
+            raise DspecError("on-policy rollouts under FSDP are not supported (each process "
+                             "decodes a different length, and FSDP needs them in lockstep)",
+                             "use --parallel ddp, or --on-policy 0")
+
+
+def _train(target, data, out, *, world, draft_init, loss, steps, lr, batch_size, grad_accum,
+           warmup_steps, temperature, eval_fraction, eval_every, save_every, keep_last, seed,
+           resume, device, progress, stop_at, lora, teacher, on_policy, parallel, precision):
     import torch
 
-    from deepspec_plugin.models import fingerprint, load_causal_lm, tokenizer_fingerprint
+    from deepspec_plugin.bench.run import stop_token_ids
+    from deepspec_plugin.models import (
+        fingerprint,
+        load_causal_lm,
+        load_tokenizer,
+        tokenizer_fingerprint,
+    )
+    from train import checkpoint as ckpts
+    from train import distributed as dist
     from train.data import check_data_target, read_data
+    from train.init import init_draft
     from train.lora import (
         apply_lora,
         check_targets_of,
@@ -491,29 +475,18 @@ def train(
         parse_lora,
     )
     from train.losses import make_loss
+    from train.on_policy import is_on_policy, rollout, rollout_seed
 
     def log(msg: str) -> None:
-        if progress:
+        if progress and world.is_main:
             print(f"[train] {msg}", flush=True)
 
     target, data, out = Path(target), Path(data), Path(out)
-    # Checks first: nothing is written before they pass.
-    if out.exists() and not resume:
-        raise DspecError(
-            f"{out} already exists", "choose a new --out, or pass --resume to continue a run there"
-        )
-    if resume and (out / "draft" / DRAFT_MANIFEST).is_file():
-        raise DspecError(f"the run in {out} is already finished", "choose a new --out")
-    for name, value in (
-        ("steps", steps),
-        ("batch_size", batch_size),
-        ("grad_accum", grad_accum),
-        ("eval_every", eval_every),
-        ("save_every", save_every),
-    ):
-        if value < 1:
-            raise DspecError(f"{name} must be >= 1, got {value}", f"pass a positive {name}")
+    # Checks first, on every process: nothing is written before they pass.
     lora_spec = parse_lora(lora) if lora is not None else None
+    _check_arguments(out, resume, lora_spec, on_policy, teacher, parallel, precision, world,
+                     dict(steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                          eval_every=eval_every, save_every=save_every))
     data_manifest = check_data_target(data, target)
     signal_temperature = float(data_manifest.settings.get("signal_temperature", 1.0))
     loss_fn = make_loss(loss, temperature)
@@ -521,17 +494,29 @@ def train(
 
     samples = list(read_data(data))
     train_set, held_out = split_by_prompt(samples, eval_fraction, seed)
+    dist.barrier(world)  # every process has checked `out` before the first writes it
 
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        init_dir = _init_draft(target, draft_init, out)
-        if lora_spec is not None:
-            check_targets_of(init_dir, lora_spec)
-    except BaseException:
-        if created:  # a refused init leaves nothing behind (a rerun would find `out` existing)
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    init_error = None
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            init_dir = init_draft(target, draft_init, out / "init", seed=seed)
+            if lora_spec is not None:
+                check_targets_of(init_dir, lora_spec)
+        except BaseException as e:
+            if created:  # a refused init leaves nothing behind (a rerun would find `out`)
+                shutil.rmtree(out, ignore_errors=True)
+            if not world.distributed:
+                raise
+            init_error = e
+    problem = dist.broadcast_object(
+        None if init_error is None else (getattr(init_error, "problem", str(init_error)),
+                                         getattr(init_error, "fix", None)), world)
+    if problem is not None:
+        raise DspecError(*problem)
+    if not world.is_main:  # rank 0 built it; the others only read it
+        init_dir = init_draft(target, draft_init, out / "init", seed=seed)
     run = {
         "target_fingerprint": fingerprint(target),
         "data_fingerprint": _data_fingerprint(data),
@@ -541,104 +526,136 @@ def train(
         "temperature": float(temperature),
         "steps": steps,
         "lr": lr,
-        "batch_size": batch_size,
+        "global_batch_size": batch_size * world.size,
         "grad_accum": grad_accum,
         "warmup_steps": warmup_steps,
         "eval_fraction": eval_fraction,
         "seed": seed,
+        "teacher": teacher,
+        "on_policy": float(on_policy),
     }
     if lora_spec is not None:  # absent for full fine-tuning, so its identity is unchanged
         run["lora"] = lora_spec.to_json()
 
-    def make_optimizer(model):
-        params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapter only
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-
-    def make_scheduler(optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, steps, warmup_steps)
-        )
-
-    for stale in (out / CHECKPOINTS).glob(".step-*.tmp-*"):  # what a kill mid-save leaves
-        shutil.rmtree(stale, ignore_errors=True)
-    checkpoints = _checkpoint_dirs(out) if resume else []
-    if checkpoints:
-        ckpt = checkpoints[-1]
-        recorded = json.loads((ckpt / "state.json").read_text()).get("run", {})
+    if world.is_main:
+        ckpts.remove_partial(out)
+    checkpoints = ckpts.checkpoint_dirs(out) if resume else []
+    resumed_from = checkpoints[-1] if checkpoints else None
+    if resumed_from is not None:
+        recorded = ckpts.read_state(resumed_from).get("run", {})
         if recorded != run:
             raise DspecError(
-                f"checkpoint {ckpt} is from another run ({'; '.join(_diff(recorded, run))})",
+                f"checkpoint {resumed_from} is from another run "
+                f"({'; '.join(_diff(recorded, run))})",
                 "resume with the same target, data, init, loss and settings, or use a new --out",
             )
-        def load_lora_model(adapter_dir: Path):
-            base = load_causal_lm(init_dir, device=device)
-            peft_model = apply_lora(base, lora_spec)
-            load_adapter_weights(peft_model, adapter_dir)
-            return peft_model
 
-        model, optimizer, scheduler, state = load_checkpoint(
-            ckpt,
-            device,
-            make_optimizer,
-            make_scheduler,
-            load_model=load_lora_model if lora_spec is not None else None,
-        )
+    # The draft: from the init, or the newest checkpoint's weights.
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if lora_spec is not None:
+        model = apply_lora(load_causal_lm(init_dir, device=device), lora_spec)
+        if resumed_from is not None:
+            load_adapter_weights(model, resumed_from / "draft")
+    else:
+        weights = resumed_from / "draft" if resumed_from is not None else init_dir
+        model = load_causal_lm(weights, device=device).requires_grad_(True)
+    model.train()
+    trainable, total = parameter_counts(model)
+    net = dist.wrap(_response_module(model), world, parallel)
+    optimizer = torch.optim.AdamW(
+        [p for p in net.parameters() if p.requires_grad],  # LoRA: the adapter only
+        lr=lr, betas=(0.9, 0.95), weight_decay=0.0,
+    )
+    # The scheduler before the optimizer state: creating it sets the groups' lr, which the
+    # saved state then overrides.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, warmup_steps)
+    )
+    if resumed_from is not None:
+        dist.load_optimizer_state(net, optimizer, ckpts.optimizer_state(resumed_from, device))
+        state = ckpts.read_state(resumed_from)
+        scheduler.load_state_dict(state["scheduler"])
+        ckpts.restore_rng(resumed_from)
         step, consumed = state["step"], state["samples_consumed"]
         tokens_trained, evals = state["tokens_trained"], state["evals"]
-        log(f"resumed from {ckpt} at step {step}")
+        log(f"resumed from {resumed_from} at step {step}")
     else:
-        torch.manual_seed(seed)
-        random.seed(seed)
-        model = load_causal_lm(init_dir, device=device).requires_grad_(True).train()
-        if lora_spec is not None:
-            model = apply_lora(model, lora_spec).train()
-        optimizer = make_optimizer(model)
-        scheduler = make_scheduler(optimizer)
         step = consumed = tokens_trained = 0
         evals = []
 
-    eval_args = dict(
-        batch_size=batch_size,
-        temperature=temperature,
-        signal_temperature=signal_temperature,
-        device=device,
-    )
+    scorer = None  # the target, run online: full distributions, and grades of rollouts
+    if teacher == "online" or on_policy > 0:
+        scorer = load_causal_lm(target, device=device).eval().requires_grad_(False)
+    stop_ids = tuple(stop_token_ids(load_tokenizer(target), target)) if on_policy > 0 else ()
+    rollout_tokens = int(data_manifest.settings.get("max_new_tokens", 128))
 
     def run_eval() -> None:
+        # Every process evaluates the whole held-out set (small): identical numbers, and FSDP's
+        # collectives stay in lockstep.
         if evals and evals[-1]["step"] == step:
             return
-        e = {"step": step, **evaluate(model, held_out, **eval_args)}
+        e = {"step": step, **evaluate(net, held_out, batch_size=batch_size,
+                                      temperature=temperature,
+                                      signal_temperature=signal_temperature, device=device)}
         evals.append(e)
         log(
             f"step {step}: held-out acceptance (1-TVD) {e['acceptance']:.4f}, "
             f"greedy agreement {e['greedy']:.4f} over {e['tokens']} tokens"
         )
 
-    trainable, total = parameter_counts(model)
+    def write_weights(dest: Path) -> None:
+        """The draft's weights as a Hugging Face directory (a collective under FSDP)."""
+        if parallel == "fsdp" and world.distributed:
+            full, _ = dist.full_state(net, optimizer)
+            if world.is_main:
+                sd = {k.removeprefix("lm."): v for k, v in full.items()}
+                dist.unwrap(net).save_pretrained(str(dest), state_dict=sd)
+        elif world.is_main:
+            model.save_pretrained(str(dest))
+
     log(
         f"{'LoRA ' + lora if lora_spec is not None else 'full fine-tuning'}: "
         f"{trainable:,} trainable of {total:,} parameters ({trainable / max(total, 1):.2%})"
     )
     log(
         f"{len(train_set)} train / {len(held_out)} held-out samples, loss {loss_fn.spec}, "
-        f"init {draft_init}, {steps} steps"
+        f"init {draft_init}, {steps} steps, {world.size} process(es) x batch {batch_size}, "
+        f"teacher {teacher}, on-policy {on_policy:g}"
     )
     run_eval()
+    global_batch = batch_size * world.size
     started, tokens_at_start = time.perf_counter(), tokens_trained
+    rate = 0.0
     while step < steps:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(grad_accum):
-            picked = batch_indices(len(train_set), seed, consumed, batch_size)
-            consumed += batch_size
-            batch = collate([train_set[i] for i in picked], device)
-            with _autocast(device):
-                logits = _draft_logits(model, batch)
-            value = loss_fn(logits, _signal(batch, signal_temperature), None)
-            (value / grad_accum).backward()
-            step_loss += value.item() / grad_accum
-            tokens_trained += int(batch["mask"].sum())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            micro = consumed // global_batch
+            picked = batch_indices(len(train_set), seed, consumed, global_batch)
+            consumed += global_batch
+            mine = [train_set[i] for i in
+                    picked[world.rank * batch_size : (world.rank + 1) * batch_size]]
+            online = teacher == "online"
+            if is_on_policy(on_policy, seed, micro):
+                mine = rollout(dist.unwrap(net), mine, max_new_tokens=rollout_tokens,
+                               temperature=temperature, seed=rollout_seed(seed, micro, world.rank),
+                               stop_token_ids=stop_ids, device=device)
+                online = True
+            batch = collate(mine, device)
+            with _autocast(device, precision):
+                logits = _draft_logits(net, batch)
+            with torch.no_grad():
+                signal = _signal(batch, signal_temperature, scorer if online else None)
+            value = loss_fn(logits.float(), signal, None)
+            # Weight by this process's share of the global batch's tokens, so that the mean
+            # gradient over processes is the token mean over the global batch.
+            n_local = int(batch["mask"].sum())
+            (n_global,) = dist.all_sum([n_local], world)
+            (value * (n_local * world.size / max(n_global, 1.0)) / grad_accum).backward()
+            step_loss += value.item() * n_local / max(n_global, 1.0) * world.size / grad_accum
+            tokens_trained += int(n_global)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), GRAD_CLIP)
         optimizer.step()
         scheduler.step()
         step += 1
@@ -660,8 +677,14 @@ def train(
                 "tokens_trained": tokens_trained,
                 "evals": evals,
             }
-            path = save_checkpoint(out, step, model, optimizer, scheduler, state, keep_last)
-            log(f"saved {path}")
+            _, optim_state = dist.full_state(net, optimizer)
+            if world.is_main:
+                path = ckpts.save_checkpoint(out, step, write_weights, optim_state, scheduler,
+                                             state, keep_last)
+                log(f"saved {path}")
+            elif parallel == "fsdp":
+                write_weights(out)  # the collective half of rank 0's save
+            dist.barrier(world)
         if stopping:
             return TrainResult(
                 out=out,
@@ -684,6 +707,8 @@ def train(
         "init": {"spec": draft_init, "fingerprint": run["init_fingerprint"]},
         "loss": loss_fn.spec,
         "temperature": float(temperature),
+        "teacher": teacher,
+        "on_policy": float(on_policy),
         "data": {
             "path": str(data.resolve()),
             "target_fingerprint": data_manifest.target_fingerprint,
@@ -693,6 +718,10 @@ def train(
         },
         "steps": step,
         "tokens_trained": tokens_trained,
+        "training": {"processes": world.size, "parallel": parallel if world.distributed
+                     else None, "batch_size_per_process": batch_size,
+                     "global_batch_size": global_batch, "grad_accum": grad_accum,
+                     "precision": precision, "device": str(device)},
         "held_out": {
             "acceptance": final["acceptance"],
             "greedy_agreement": final["greedy"],
@@ -707,9 +736,20 @@ def train(
         manifest["lora"] = dict(
             lora_spec.to_json(), adapter="adapter", trainable_parameters=trainable
         )
-        _write_adapter(out, model)  # before the draft: out/draft is the finished-run marker
-        model = merge(model)
-    draft = _write_draft(out, model, target, manifest)
+    draft = out / "draft"
+    if parallel == "fsdp" and world.distributed:
+        full, _ = dist.full_state(net, optimizer)  # a collective: every process takes part
+        if world.is_main:
+            final_model = load_causal_lm(init_dir)  # a plain copy to hold the gathered weights
+            final_model.load_state_dict({k.removeprefix("lm."): v for k, v in full.items()})
+            _write_draft(out, final_model, target, manifest)
+    elif world.is_main:
+        final_model = model
+        if lora_spec is not None:
+            _write_adapter(out, model)  # before the draft: out/draft is the finished-run marker
+            final_model = merge(model)
+        _write_draft(out, final_model, target, manifest)
+    dist.barrier(world)
     log(
         f"wrote {draft}: held-out acceptance {evals[0]['acceptance']:.4f} -> "
         f"{final['acceptance']:.4f}, {rate:.0f} tokens/s"
@@ -747,6 +787,4 @@ __all__ = [
     "split_by_prompt",
     "batch_indices",
     "lr_factor",
-    "save_checkpoint",
-    "load_checkpoint",
 ]

@@ -1,0 +1,122 @@
+"""train/ under torchrun: 2 CPU processes (gloo), DDP and FSDP, against one process.
+
+The contract (train/distributed.py): N processes with batch size B train exactly as one process
+with batch size N * B, and a checkpoint written by N processes resumes in one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.data import generate_data
+from train.trainer import train
+
+PROMPTS = [
+    ["What is two plus three?"],
+    ["Write a function that adds numbers.", "Now make it multiply."],
+    ["Tell me about ducks."],
+    ["Count to five."],
+    ["Why is the sky blue?"],
+    ["Name three colours."],
+    ["How do I sort a list in Python?"],
+    ["What is the capital of France?"],
+]
+STEPS = 4
+COMMON = dict(draft_init="layers:1", loss="tvd", steps=STEPS, lr=2e-3, warmup_steps=2,
+              eval_fraction=0.25, eval_every=2, save_every=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tiny, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parallel")
+    prompts = root / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
+    out = root / "data"
+    generate_data(tiny.target, [prompts], out, max_new_tokens=24, topk=16, batch_size=4,
+                  shard_size=4, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny, data, tmp_path_factory):
+    """One process, batch size 4: the run two processes of batch size 2 must reproduce."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return train(tiny.target, data, out, batch_size=4, progress=False, **COMMON)
+
+
+def torchrun(target: Path, data: Path, out: Path, parallel: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "deepspec_plugin.cli", "train", "--target", str(target), "--data", str(data),
+        "--out", str(out), "--batch-size", "2", "--parallel", parallel,
+        "--draft-init", COMMON["draft_init"], "--loss", COMMON["loss"],
+        "--steps", str(STEPS), "--lr", str(COMMON["lr"]), "--eval-every", "2",
+        "--save-every", "2", "--warmup-steps", str(COMMON["warmup_steps"]),
+        "--eval-fraction", str(COMMON["eval_fraction"]), "--seed", str(COMMON["seed"]),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(next((run / "draft").glob("*.safetensors"))))
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_with_the_global_batch(tiny, data, single, tmp_path,
+                                                            parallel):
+    out = tmp_path / parallel
+    proc = torchrun(tiny.target, data, out, parallel)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((out / "draft/deepspec.json").read_text())
+    assert manifest["training"]["processes"] == 2
+    assert manifest["training"]["parallel"] == parallel
+    assert manifest["training"]["global_batch_size"] == 4
+    assert manifest["tokens_trained"] == single.tokens_trained
+    assert_same_weights(weights(out), weights(single.out))
+    for a, b in zip(manifest["held_out"].values(), single.manifest["held_out"].values()):
+        assert a == pytest.approx(b, abs=1e-5)
+    # Only rank 0 wrote: one draft, checkpoints step-2 and step-4, no temp dirs.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    assert not list(out.glob(".*"))
+
+    if parallel == "ddp":
+        # A 2-process checkpoint resumes in one process with the same global batch.
+        resumed = tmp_path / "resumed"
+        shutil.copytree(out, resumed)
+        shutil.rmtree(resumed / "draft")
+        shutil.rmtree(resumed / "checkpoints/step-4")
+        result = train(tiny.target, data, resumed, batch_size=4, resume=True, progress=False,
+                       **COMMON)
+        assert result.steps == STEPS
+        assert_same_weights(weights(resumed), weights(single.out))
+
+
+def test_fsdp_refuses_lora_and_on_policy(tiny, data, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "deepspec_plugin.cli", "train", "--target", str(tiny.target), "--data", str(data),
+        "--out", str(tmp_path / "x"), "--parallel", "fsdp", "--lora", "r=4", "--steps", "2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "LoRA under FSDP is not supported" in proc.stderr + proc.stdout
+    assert not (tmp_path / "x").exists()

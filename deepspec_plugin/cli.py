@@ -383,14 +383,14 @@ def eval_compare(
     console.print(render_comparison(rows))
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _print_summary(rows: list[dict], title: str = "Speculative decoding") -> None:
     from rich.table import Table
 
     if not rows:
         return
-    table = Table(title="Speculative decoding")
+    table = Table(title=title)
     for key in rows[0]:
-        table.add_column(str(key), justify="left" if key == "category" else "right")
+        table.add_column(str(key), justify="left" if key in ("category", "draft") else "right")
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     # A terminal wraps to its width; a log file or a pipe would otherwise get 80 columns.
@@ -402,19 +402,29 @@ def _print_summary(rows: list[dict]) -> None:
 
 @app.command()
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Where the draft and the report go.")] = Path(
+    out: Annotated[Path, typer.Option(help="Where the drafts, data and reports go.")] = Path(
         "runs/quickstart"
     ),
     bench: Annotated[str, typer.Option(help="Bench name or file.")] = "quick",
     layers: Annotated[int, typer.Option(help="Layers of the draft-init draft.")] = 2,
+    fast: Annotated[
+        bool, typer.Option(help="Less data, training and bench: a few minutes in all.")
+    ] = False,
+    train: Annotated[
+        bool, typer.Option(help="Distil the draft (--no-train: bench the untrained one only).")
+    ] = True,
 ):
-    """The embedded default end to end: reference target, a draft-init draft, the quick bench."""
-    from deepspec_plugin.bench.report import summary_rows
-    from deepspec_plugin.quickstart import run_quickstart
+    """The embedded default end to end: reference target, a draft-init draft, training data from
+    the target, distillation, and the quick bench of the untrained and the distilled draft."""
+    from deepspec_plugin.quickstart import comparison_rows, run_quickstart
 
-    report, report_dir = run_quickstart(out, bench=bench, layers=layers, log=console.print)
-    _print_summary(summary_rows(report))
-    console.print(f"Report: {report_dir / 'report.md'} (and report.json, plots beside it)")
+    result = run_quickstart(out, bench=bench, layers=layers, fast=fast, train=train,
+                            log=console.print)
+    _print_summary(comparison_rows(result), title="Untrained vs distilled draft (all categories)")
+    minutes = sum(result.seconds.values()) / 60
+    console.print(f"Done in {minutes:.1f} min. Reports: {result.untrained_dir / 'report.md'}"
+                  + (f", {result.trained_dir / 'report.md'}" if result.trained_dir else "")
+                  + " (report.json and plots beside them)")
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -28,19 +28,36 @@ def test_quickstart_end_to_end(tmp_path):
             }
         )
     )
-    report, report_dir = run_quickstart(
-        tmp_path / "qs", bench=str(bench), progress=False, log=lambda _: None
+    from deepspec_plugin.quickstart import QuickstartPlan, comparison_rows
+
+    plan = QuickstartPlan(num_prompts=8, max_new_tokens=8, steps=3, batch_size=4, lr=1e-3)
+    result = run_quickstart(
+        tmp_path / "qs", bench=str(bench), progress=False, log=lambda _: None, plan=plan
     )
-    assert report["complete"] is True
-    assert {r["category"] for r in report["results"]} == {"chat", "math"}
-    for r in report["results"]:
-        assert (
-            r["num_drafts"] > 0 and r["speedup"] is not None and r["predicted_speedup"] is not None
-        )
-    assert report["models"]["target"]["params"] > 100_000_000
-    assert (report_dir / "report.md").exists()
-    # A second run reuses the draft (same target fingerprint) instead of rebuilding it.
+    for report in (result.untrained, result.trained):
+        assert report["complete"] is True
+        assert {r["category"] for r in report["results"]} == {"chat", "math"}
+        for r in report["results"]:
+            assert (
+                r["num_drafts"] > 0
+                and r["speedup"] is not None
+                and r["predicted_speedup"] is not None
+            )
+        assert report["models"]["target"]["params"] > 100_000_000
+    assert (result.untrained_dir / "report.md").exists()
+    assert (result.trained_dir / "report.md").exists()
+    trained = tmp_path / "qs" / "train" / "draft"
+    assert result.trained["models"]["draft"]["path"] == str(trained.resolve())
+    manifest = json.loads((trained / "deepspec.json").read_text())
+    assert manifest["steps"] == 3 and manifest["loss"] == "tvd"
+    assert [r["draft"] for r in comparison_rows(result)] == ["untrained", "distilled"]
+    assert set(result.seconds) == {"target", "draft", "data", "train", "eval_untrained",
+                                   "eval_trained"}
+    # A second run reuses the draft, the data and the finished training run.
     draft = tmp_path / "qs" / "draft-init-2"
-    mtime = (draft / "config.json").stat().st_mtime_ns
-    run_quickstart(tmp_path / "qs", bench=str(bench), progress=False, log=lambda _: None)
-    assert (draft / "config.json").stat().st_mtime_ns == mtime
+    mtimes = [(p / "config.json").stat().st_mtime_ns for p in (draft, trained)]
+    data_manifest = (tmp_path / "qs" / "data" / "manifest.json").read_bytes()
+    run_quickstart(tmp_path / "qs", bench=str(bench), progress=False, log=lambda _: None,
+                   plan=plan)
+    assert [(p / "config.json").stat().st_mtime_ns for p in (draft, trained)] == mtimes
+    assert (tmp_path / "qs" / "data" / "manifest.json").read_bytes() == data_manifest

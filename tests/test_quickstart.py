@@ -49,7 +49,7 @@ def test_quickstart_end_to_end(tmp_path):
     trained = tmp_path / "qs" / "train" / "draft"
     assert result.trained["models"]["draft"]["path"] == str(trained.resolve())
     manifest = json.loads((trained / "deepspec.json").read_text())
-    assert manifest["steps"] == 3 and manifest["loss"] == "tvd"
+    assert manifest["steps"] == 3 and manifest["loss"] == "fkl"
     assert [r["draft"] for r in comparison_rows(result)] == ["untrained", "distilled"]
     assert set(result.seconds) == {"target", "draft", "data", "train", "eval_untrained",
                                    "eval_trained"}

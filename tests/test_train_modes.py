@@ -159,3 +159,28 @@ def test_on_policy_training_learns_and_resumes_exactly(tiny, full_data, tmp_path
     with pytest.raises(DspecError, match="teacher"):
         train(tiny.target, full_data, tmp_path / "bad", draft_init="layers:1", steps=2,
               teacher="oracle", **QUICK)
+
+
+def test_a_draft_init_with_another_vocabulary_or_tokenizer_is_refused(tiny, full_data, tmp_path):
+    import shutil
+
+    other_vocab = tmp_path / "other-vocab"
+    shutil.copytree(tiny.draft, other_vocab)
+    config = json.loads((other_vocab / "config.json").read_text())
+    config["vocab_size"] += 64
+    (other_vocab / "config.json").write_text(json.dumps(config))
+
+    other_tokenizer = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny.draft, other_tokenizer)
+    tok = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    victim = next(t for t, i in vocab.items() if i == 300)
+    vocab["zz" + victim] = vocab.pop(victim)  # same size, one token spelled differently
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(tok))
+
+    for init, message in ((other_vocab, "vocab sizes differ"),
+                          (other_tokenizer, "tokenizers differ")):
+        out = tmp_path / f"run-{init.name}"
+        with pytest.raises(DspecError, match=message):
+            train(tiny.target, full_data, out, draft_init=str(init), steps=2, **QUICK)
+        assert not out.exists()

@@ -1,10 +1,10 @@
 """Distil a draft model on target-generated data: one readable training loop (nanoGPT style).
 
 ``train(target, data, out)`` checks that the data was made by this target, initialises the draft
-(``layers:N``: the target's first N layers, or ``PATH``: an existing same-tokenizer model), splits
+(`train.init`: ``layers:N``, ``fresh[:...]`` or an existing same-tokenizer model), splits
 the samples into train / held-out by prompt (seeded), and minimises a distillation loss
 (`train.losses.make_loss`) against the stored top-k target signal, with AdamW, linear warmup then
-cosine decay, gradient clipping and accumulation, and bf16 autocast on CUDA only.
+cosine decay, gradient clipping and accumulation, and bf16 autocast (by default on CUDA only).
 
 **Alignment.** A sample's ``topk_*`` row r is the target's distribution for its r-th response
 token, i.e. for the token at position ``start + r``. The draft's logits at position t predict
@@ -15,13 +15,12 @@ at t is ``loss_mask[t + 1]``; logits and signal are both ``[B, L - 1, ...]``.
 acceptance, on the top-k coarsening) and greedy agreement, token-weighted over the held-out
 samples, at the start, every ``eval_every`` steps and at the end.
 
-**Checkpoints** (``out/checkpoints/step-N``, written into a temp dir and renamed, last
-``keep_last`` kept): the draft (safetensors), the optimizer tensors and torch RNG state
-(``optimizer.safetensors``) and everything else as JSON (``state.json``: step, data position,
-tokens, evals, optimizer param groups, scheduler state, python RNG state, and the run identity).
-Nothing is unpickled. ``resume=True`` continues from the newest checkpoint, and refuses one whose
-run identity (target, data, init, loss and hyperparameters) differs. Training N steps straight or
-k steps, a kill, and a resume to N give the same weights.
+**Checkpoints** (`train.checkpoint`: ``out/checkpoints/step-N``, written into a temp dir and
+renamed, last ``keep_last`` kept): the draft (safetensors), the optimizer tensors keyed by
+parameter name and the torch RNG state (``optimizer.safetensors``) and everything else as JSON
+(``state.json``). Nothing is unpickled. ``resume=True`` continues from the newest checkpoint,
+and refuses one whose run identity (target, data, init, loss and hyperparameters) differs.
+Training N steps straight or k steps, a kill, and a resume to N give the same weights.
 
 **Output**: ``out/draft``, a Hugging Face checkpoint with the target's tokenizer files and a
 ``deepspec.json`` draft manifest, renamed into place when complete.
@@ -33,7 +32,13 @@ from the init and loads them; the output is ``out/adapter`` (PEFT ``save_pretrai
 ``out/draft`` = the merged model, a plain checkpoint; the spec is in the run identity and the
 manifest (``"lora"``).
 
-Not here yet: torchrun data parallel / FSDP, on-policy batches, ``fresh:`` inits.
+**Teacher**: the stored top-k signal, or (``teacher="online"``) the target run on each batch for
+its full distributions. **On-policy** (``on_policy=F``): a seeded fraction F of micro-batches is
+continued by the draft itself and graded by the target online (`train.on_policy`).
+
+**Scale** (`train.distributed`): under torchrun each process trains its slice of a global batch
+of ``batch_size * world`` samples per micro-batch, with DDP or FSDP (``parallel``), and N
+processes of batch B train exactly as one process of batch N * B. Only rank 0 writes.
 """
 
 from __future__ import annotations

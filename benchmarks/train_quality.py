@@ -7,7 +7,8 @@ T = 0.7; acceptance, tau, measured speedup against plain decoding in the same ru
 
 * ``draft-init``: untrained (the baseline every gain is measured from);
 * ``ce``: hard labels (the target's tokens); ``fkl``; ``tvd`` (= 1 - acceptance); ``tvd+fkl``
-  (TVD's gradient vanishes where the draft gives a token little mass, FKL's does not);
+  (TVD's gradient vanishes where the draft gives a token little mass, FKL's does not), and the
+  same with a quarter of the micro-batches on-policy (written by the draft, graded online);
 * ``tvd-lora16``: LoRA rank 16 on every projection (the usual larger LoRA learning rate);
 * ``tvd-full-dist``: ``tvd`` against the target's full distributions, run online, instead of the
   stored top-32: what the compact signal costs.
@@ -31,6 +32,7 @@ ARMS = {
     "fkl": dict(loss="fkl"),
     "tvd": dict(loss="tvd"),
     "tvd+fkl": dict(loss="tvd+fkl"),
+    "tvd+fkl-on-policy": dict(loss="tvd+fkl", on_policy=0.25),
     "tvd-lora16": dict(loss="tvd", lora="r=16,alpha=32", lr_scale=3.0),
     "tvd-full-dist": dict(loss="tvd", teacher="online"),
 }

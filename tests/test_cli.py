@@ -185,7 +185,7 @@ def test_train_end_to_end_and_refusals(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Held-out acceptance" in done.stdout
     manifest = json.loads((tmp_path / "run" / "draft" / "deepspec.json").read_text())
-    assert manifest["loss"] == "tvd" and manifest["steps"] == 6
+    assert manifest["loss"] == "tvd+fkl" and manifest["steps"] == 6  # the default
     assert_clean_error(dspec(*run), "run")  # the run directory exists: nothing is overwritten
     other = ["train", "--target", tiny.target_updated, "--data", data, "--out", tmp_path / "r2"]
     assert_clean_error(dspec(*other), "another target")

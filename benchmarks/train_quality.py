@@ -11,7 +11,9 @@ T = 0.7; acceptance, tau, measured speedup against plain decoding in the same ru
   same with a quarter of the micro-batches on-policy (written by the draft, graded online);
 * ``tvd-lora16``: LoRA rank 16 on every projection (the usual larger LoRA learning rate);
 * ``tvd-full-dist``: ``tvd`` against the target's full distributions, run online, instead of the
-  stored top-32: what the compact signal costs.
+  stored top-32: what the compact signal costs;
+* ``*-t0.7``: the loss at temperature 0.7, for a draft that will serve at 0.7 (the training
+  issue's "at the temperature the draft will serve at").
 
 Resumable: a finished arm (its report) is skipped on a rerun. Prints the table and the ratios
 the training issue asks for, and writes ``results.json`` / ``results.md`` into ``--out``.
@@ -35,6 +37,11 @@ ARMS = {
     "tvd+fkl-on-policy": dict(loss="tvd+fkl", on_policy=0.25),
     "tvd-lora16": dict(loss="tvd", lora="r=16,alpha=32", lr_scale=3.0),
     "tvd-full-dist": dict(loss="tvd", teacher="online"),
+    # Trained for serving at T = 0.7 (the loss at that temperature; the stored T = 1 top-k are
+    # sharpened to it): read these arms at T = 0.7.
+    "ce-t0.7": dict(loss="ce", temperature=0.7),
+    "fkl-t0.7": dict(loss="fkl", temperature=0.7),
+    "tvd+fkl-t0.7": dict(loss="tvd+fkl", temperature=0.7),
 }
 
 

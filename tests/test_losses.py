@@ -106,6 +106,30 @@ def test_topk_with_k_equal_v_matches_full_logits(temperature):
         assert coarse == pytest.approx(full, rel=1e-5, abs=1e-6), spec
 
 
+def test_stored_topk_sharpened_to_a_lower_serving_temperature():
+    """Data stored at T = 1, a loss at T = 0.7: the top-k are re-tempered. With k = V exactly the
+    full-logit loss; with k < V the rest bucket uses an upper bound, and the held-out acceptance
+    stays within a hair of the full-vocabulary one at that coarsening."""
+    torch.manual_seed(4)
+    p_logits, q_logits = torch.randn(2, 6, 40) * 3, torch.randn(2, 6, 40) * 3
+    for spec in SPECS:
+        loss = make_loss(spec, temperature=0.7)
+        full = loss(q_logits, p_logits, None).item()
+        stored = topk_of(p_logits, 40, 1.0)
+        stored.temperature = 1.0
+        assert loss(q_logits, stored, None).item() == pytest.approx(full, rel=1e-4, abs=1e-6)
+    # k < V on a peaked target (as a language model's are): the rest bucket is an upper bound.
+    p_logits = torch.randn(2, 6, 40) * 6
+    top8 = topk_of(p_logits, 8, 1.0)
+    top8.temperature = 1.0
+    truth = coarsen(q_logits, topk_of(p_logits, 8, 0.7), 0.7).p  # data stored at 0.7
+    sharpened = coarsen(q_logits, top8, 0.7).p
+    assert (sharpened[..., -1] >= truth[..., -1] - 1e-6).all()
+    assert (sharpened - truth).abs().max().item() < 0.02
+    assert acceptance_from_tvd(q_logits, top8, None, 0.7).item() == pytest.approx(
+        acceptance_from_tvd(q_logits, topk_of(p_logits, 8, 0.7), None, 0.7).item(), abs=0.01)
+
+
 def test_topk_coarsening_lower_bounds_full_divergences():
     torch.manual_seed(3)
     p_logits, q_logits = torch.randn(4, 8, 50) * 2, torch.randn(4, 8, 50) * 2

@@ -72,7 +72,8 @@ class TargetSignal:
     """What the target says about each position: full logits, or top-k probabilities, or labels.
 
     ``temperature``, when known, is the temperature the top-k probabilities were computed at; a
-    loss at another temperature refuses it (they would be silently mismatched otherwise).
+    loss at a lower temperature sharpens them (`_retemper`), one at a higher temperature refuses
+    them (the mass that moves would go to tokens that were not stored).
     ``labels`` (int ``[B, T]``, negative = ignore) are hard labels for ``ce``.
     """
 
@@ -131,14 +132,33 @@ def serving_temperature(temperature: float) -> float:
 
 
 def _check_temperature(signal: TargetSignal, temperature: float) -> None:
+    """Stored top-k can be sharpened to a lower temperature (see `_retemper`), not flattened."""
     if signal.temperature is not None and signal.topk_ids is not None:
         stored = serving_temperature(signal.temperature)
-        if abs(stored - serving_temperature(temperature)) > 1e-6:
+        if serving_temperature(temperature) > stored + 1e-6:
             raise DspecError(
                 f"the stored top-k probabilities are at temperature {signal.temperature}, "
-                f"the loss at {temperature}",
-                "train at the temperature the data was generated with, or regenerate the data",
+                f"the loss at {temperature}: a higher temperature moves mass into the tokens "
+                "that were not stored",
+                "train at the data's temperature or below, or regenerate the data at the "
+                "serving temperature",
             )
+
+
+def _retemper(p_top: torch.Tensor, p_rest: torch.Tensor, stored: float, t: float):
+    """Top-k probabilities at temperature ``stored`` taken to a lower temperature ``t``.
+
+    p_i(t) is proportional to p_i(stored) ** a with a = stored / t >= 1. The top-k part is exact;
+    the rest bucket's sum of p_j ** a is unknown, but every rest token has p_j <= p_min (the
+    smallest stored probability), so it is at most p_min ** (a - 1) * rest: that bound is used.
+    With k = 32 on the reference target it moves the rest bucket by well under 1e-3.
+    """
+    a = stored / t
+    top = p_top.clamp_min(1e-30) ** a * (p_top > 0)
+    p_min = p_top.masked_fill(p_top <= 0, 1.0).amin(-1, keepdim=True)
+    rest = p_rest * p_min ** (a - 1.0)
+    z = top.sum(-1, keepdim=True) + rest
+    return top / z, rest / z
 
 
 # --- buckets ------------------------------------------------------------------------------------
@@ -199,6 +219,8 @@ def coarsen(draft_logits: torch.Tensor, target: Any, temperature: float = 1.0) -
     p_top = probs.to(draft_logits.device).float().clamp_min(0.0)
     p_rest = (1.0 - p_top.sum(-1, keepdim=True)).clamp_min(0.0)
     p_rest = torch.where(p_rest < REST_SNAP, torch.zeros_like(p_rest), p_rest)
+    if signal.temperature is not None and serving_temperature(signal.temperature) != t:
+        p_top, p_rest = _retemper(p_top, p_rest, serving_temperature(signal.temperature), t)
     p = torch.cat([p_top, p_rest], dim=-1)
 
     log_q_top = log_q_full.gather(-1, ids)

@@ -58,9 +58,9 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.manifest import FILENAME as DRAFT_MANIFEST
+from deepspec_plugin.manifest import SCHEMA as DRAFT_SCHEMA
 
-DRAFT_SCHEMA = "deepspec-draft/v1"
-DRAFT_MANIFEST = "deepspec.json"
 CHECKPOINTS = "checkpoints"
 MIN_LR_RATIO = 0.1  # cosine decays to this fraction of the peak learning rate
 GRAD_CLIP = 1.0
@@ -323,6 +323,7 @@ def _diff(old: dict, new: dict) -> list[str]:
 
 def _write_draft(out: Path, model, target: Path, manifest: dict[str, Any]) -> Path:
     """out/draft: weights, config, the target's tokenizer files and deepspec.json, atomically."""
+    from deepspec_plugin.manifest import write_manifest
     from deepspec_plugin.models import TOKENIZER_FILES, check_pair
 
     dest = out / "draft"
@@ -334,7 +335,7 @@ def _write_draft(out: Path, model, target: Path, manifest: dict[str, Any]) -> Pa
         for name in TOKENIZER_FILES + ("generation_config.json",):
             if (target / name).exists():
                 shutil.copy2(target / name, tmp / name)
-        (tmp / DRAFT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_manifest(manifest, tmp / DRAFT_MANIFEST)  # validated: the exporters read it
         os.chmod(tmp, 0o755)
         os.replace(tmp, dest)
     except BaseException:

@@ -1,0 +1,230 @@
+"""The draft manifest, ``deepspec.json``: what travels with a draft from training to serving.
+
+It names the target the draft was made for (``target_fingerprint``, from
+:func:`deepspec_plugin.models.fingerprint`), the tokenizer both share (``tokenizer_fingerprint``),
+how it speculates (``method``, ``k``) and, once an eval report was attached at export, the
+``baseline``: the acceptance measured offline, pooled and per category, that the serving plugin
+compares live acceptance with. Everything else a stage wants to record (training settings, export
+details, overridden checks) goes under its own key and is kept as it is by every later stage.
+
+Stdlib only: the serving plugin reads this inside vLLM and must stay light.
+
+Example::
+
+    {
+      "schema": "deepspec-draft/v1",
+      "target_fingerprint": "sha256:...",
+      "tokenizer_fingerprint": "sha256:...",
+      "method": "draft_model",
+      "k": 4,
+      "baseline": {
+        "k": 4, "temperature": 0.0,
+        "acceptance_rate": 0.41, "acceptance_length": 2.3, "per_position": [0.6, 0.45, ...],
+        "categories": {"chat": {"acceptance_rate": ..., "acceptance_length": ...,
+                                "per_position": [...], "num_draft_tokens": 1640}},
+        "report": {"bench": "quick", "engine": "reference", "created": "...", "draft": "sha256:..."}
+      },
+      "training": {...}, "export": {...}
+    }
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deepspec_plugin.errors import DspecError
+
+SCHEMA = "deepspec-draft/v1"
+FILENAME = "deepspec.json"
+METHODS = ("draft_model", "eagle3", "medusa", "mlp_speculator")
+_CORE = ("schema", "target_fingerprint", "tokenizer_fingerprint", "method", "k", "baseline")
+_ENTRY_KEYS = ("acceptance_rate", "acceptance_length", "alpha", "num_drafts", "num_draft_tokens",
+               "num_accepted_tokens")
+
+
+@dataclass
+class Baseline:
+    """Offline acceptance at one (k, temperature), pooled and per category, from an eval report."""
+
+    k: int
+    temperature: float
+    acceptance_rate: float
+    acceptance_length: float
+    per_position: list[float]
+    categories: dict[str, dict[str, Any]] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.k, "temperature": self.temperature,
+            "acceptance_rate": self.acceptance_rate,
+            "acceptance_length": self.acceptance_length,
+            "per_position": list(self.per_position),
+            "categories": self.categories, "report": self.report,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "baseline") -> Baseline:
+        try:
+            return cls(
+                k=int(d["k"]), temperature=float(d["temperature"]),
+                acceptance_rate=float(d["acceptance_rate"]),
+                acceptance_length=float(d["acceptance_length"]),
+                per_position=[float(x) for x in d.get("per_position") or []],
+                categories=dict(d.get("categories") or {}), report=dict(d.get("report") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise DspecError(f"{where} is malformed ({type(e).__name__}: {e})",
+                             "re-export the draft with --report") from None
+
+
+@dataclass
+class DraftManifest:
+    target_fingerprint: str
+    tokenizer_fingerprint: str
+    method: str = "draft_model"
+    k: int | None = None
+    baseline: Baseline | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # every other stage's record, kept as is
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "schema": SCHEMA, "target_fingerprint": self.target_fingerprint,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint, "method": self.method,
+            "k": self.k, "baseline": self.baseline.to_dict() if self.baseline else None,
+        }
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = FILENAME) -> DraftManifest:
+        if not isinstance(d, dict):
+            raise DspecError(f"{where} is not a JSON object", "re-export the draft")
+        if d.get("schema") != SCHEMA:
+            raise DspecError(f"{where} has schema {d.get('schema')!r}, expected {SCHEMA!r}",
+                             "re-export the draft with this version of dspec")
+        for key in ("target_fingerprint", "tokenizer_fingerprint"):
+            if not isinstance(d.get(key), str) or not d[key].startswith("sha256:"):
+                raise DspecError(f"{where}: {key} is missing or not a sha256 fingerprint",
+                                 "re-export the draft")
+        method = d.get("method", "draft_model")
+        if method not in METHODS:
+            raise DspecError(f"{where}: unknown method {method!r}",
+                             f"use one of {', '.join(METHODS)}")
+        k = d.get("k")
+        if k is not None and (not isinstance(k, int) or k < 1):
+            raise DspecError(f"{where}: k must be a positive integer, got {k!r}",
+                             "re-export the draft with --k")
+        baseline = d.get("baseline")
+        return cls(
+            target_fingerprint=d["target_fingerprint"],
+            tokenizer_fingerprint=d["tokenizer_fingerprint"], method=method, k=k,
+            baseline=Baseline.from_dict(baseline, f"{where}: baseline") if baseline else None,
+            extra={key: v for key, v in d.items() if key not in _CORE},
+        )
+
+
+def manifest_path(path: str | Path) -> Path:
+    """``path`` itself if it is a file, else ``path/deepspec.json``."""
+    path = Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
+def read_manifest(path: str | Path) -> DraftManifest:
+    """Read and validate a manifest (a file, or a draft directory holding ``deepspec.json``)."""
+    p = manifest_path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise DspecError(f"no draft manifest at {p}", "export the draft with dspec export, "
+                         "or train it with dspec train") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DspecError(f"{p} is not valid JSON ({e})", "re-export the draft") from None
+    return DraftManifest.from_dict(data, str(p))
+
+
+def write_manifest(manifest: DraftManifest | dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temp file, fsync, rename): a reader never sees half a manifest."""
+    data = manifest.to_dict() if isinstance(manifest, DraftManifest) else manifest
+    if isinstance(manifest, dict):
+        DraftManifest.from_dict(data, "manifest")  # validate what is written
+    p = manifest_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def _entry_summary(e: dict[str, Any]) -> dict[str, Any]:
+    out = {key: e[key] for key in _ENTRY_KEYS if key in e}
+    out["per_position"] = list(e.get("position_acceptance") or [])
+    return out
+
+
+def baseline_from_report(report: dict[str, Any], k: int | None = None,
+                         temperature: float | None = None, batch_size: int | None = None,
+                         where: str = "the report") -> Baseline:
+    """The baseline at (k, temperature, batch size) from an eval report (``report.json``).
+
+    Defaults: the report's only k (else ``k`` is required), its lowest temperature (greedy where
+    measured) and smallest batch size. Pooled numbers come from the report's ``overall`` entry,
+    per-category ones from its per-category entries.
+    """
+    entries = [*report.get("results", []), *report.get("overall", [])]
+    if not entries or not report.get("overall"):
+        raise DspecError(f"{where} has no results", "pass the report.json of a finished dspec eval")
+    ks = sorted({e["k"] for e in entries})
+    if k is None:
+        if len(ks) > 1:
+            raise DspecError(f"{where} measured k = {ks}; which one is served is ambiguous",
+                             "pass --k")
+        k = ks[0]
+    if k not in ks:
+        raise DspecError(f"{where} has no results at k = {k} (it measured k = {ks})",
+                         "evaluate at the k you export, or export with a measured k")
+    temps = sorted({float(e["temperature"]) for e in entries if e["k"] == k})
+    temperature = temps[0] if temperature is None else float(temperature)
+    if temperature not in temps:
+        raise DspecError(f"{where} has no results at temperature {temperature:g} (it has "
+                         f"{', '.join(f'{t:g}' for t in temps)})", "pick a measured temperature")
+    sizes = sorted({e["batch_size"] for e in entries
+                    if e["k"] == k and float(e["temperature"]) == temperature})
+    batch_size = sizes[0] if batch_size is None else batch_size
+
+    def chosen(e):
+        return (e["k"] == k and float(e["temperature"]) == temperature
+                and e["batch_size"] == batch_size)
+
+    overall = [e for e in report["overall"] if chosen(e)]
+    if not overall:
+        raise DspecError(f"{where} has no pooled entry at k = {k}, T = {temperature:g}, "
+                         f"batch size {batch_size}", "pass a complete report")
+    o = overall[0]
+    models = report.get("models") or {}
+    return Baseline(
+        k=int(k), temperature=temperature,
+        acceptance_rate=float(o["acceptance_rate"]),
+        acceptance_length=float(o["acceptance_length"]),
+        per_position=[float(x) for x in o.get("position_acceptance") or []],
+        categories={e["category"]: _entry_summary(e) for e in report.get("results", [])
+                    if chosen(e)},
+        report={
+            "bench": (report.get("bench") or {}).get("name"),
+            "engine": (report.get("engine") or {}).get("name"),
+            "created": report.get("created"), "batch_size": batch_size,
+            "draft_fingerprint": (models.get("draft") or {}).get("fingerprint"),
+            "target_fingerprint": (models.get("target") or {}).get("fingerprint"),
+        },
+    )

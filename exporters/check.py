@@ -1,0 +1,227 @@
+"""`dspec export check DIR`: does an export hold what its engine's loader needs, for this target?
+
+Run at the end of every export (before the export is renamed into place) and on its own. The
+format comes from the manifest's ``method``: TGI's head formats are checked by
+:mod:`exporters.tgi_rules`, EAGLE-3 by :mod:`exporters.eagle3`, a vLLM ``draft_model`` here:
+
+* files: ``config.json``, safetensors weights only (pickles refused, never read), the tokenizer
+  files, ``deepspec.json``, the serving configs;
+* every safetensors file readable end to end (offsets inside the file, sizes matching shapes);
+* vocabulary size, tokenizer fingerprint and special tokens equal to the target's; the target's
+  fingerprint equal to the manifest's; the draft's max positions against the target's;
+* dtype: floating point, one dtype for the whole draft;
+* tensor names and shapes: exactly those of the config's architecture (built on the meta
+  device, so nothing is allocated), a tied head allowed to be absent.
+
+Then, where vLLM is installed and ``load`` is set, a real load: vLLM's offline engine runs the
+target with the exported draft on a few prompts, greedy, and its acceptance counts must equal
+those of the harness's reference engine on the same prompts (both follow the same rule at
+temperature 0, so any difference means vLLM loaded or ran something else).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from deepspec_plugin import models
+from deepspec_plugin.errors import DspecError
+from deepspec_plugin.manifest import FILENAME, read_manifest
+from exporters import safetensors_io as st
+from exporters.findings import CheckReport
+from exporters.serving import SERVING_DIR, VLLM_FILES
+
+LOAD_PROMPTS = 2
+LOAD_NEW_TOKENS = 16
+COUNT_KEYS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position")
+_TOKENIZER_ANY = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+def _short(fp: str | None) -> str:
+    return (fp or "none")[:19]  # "sha256:" and 12 hex digits: enough to tell two apart
+
+
+def export_target(path: Path, target: str | Path | None) -> Path | None:
+    """The target to check against: the one given, else the manifest's, where it still exists."""
+    if target is not None:
+        return models.resolve_model(str(target))
+    recorded = ((read_manifest(path).extra.get("export") or {}).get("target") or {}).get("path")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
+
+def check_export(path: str | Path, target: str | Path | None = None, *, load: bool = True,
+                 target_fingerprint: str | None = None) -> CheckReport:
+    """Check the export in ``path`` (against ``target``, default the manifest's); never raises
+    for a failed rule: read ``report.ok`` / ``report.failures``, or call ``raise_if_failed``.
+
+    ``target_fingerprint``, when the caller has just computed it, saves hashing the target again.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DspecError(f"export directory {path} does not exist", "fix the path")
+    if not (path / FILENAME).is_file():
+        raise DspecError(f"{path} has no {FILENAME}, so it is not a dspec export",
+                         "export the draft with dspec export vllm or dspec export tgi")
+    manifest = read_manifest(path)
+    target_path = export_target(path, target)
+    if manifest.method in ("medusa", "mlp_speculator"):
+        from exporters.tgi_rules import check_tgi
+
+        return check_tgi(path, target_path)
+    report = CheckReport(path=path, format=manifest.method)
+    if manifest.method == "eagle3":
+        from exporters.eagle3 import check_vllm_eagle3
+
+        report.findings += check_vllm_eagle3(path, target_path).findings
+        _common_rules(report, path, manifest, target_path, target_fingerprint)
+        return report
+    _draft_model_rules(report, path, manifest, target_path, target_fingerprint)
+    if load and report.ok and target_path is not None:
+        if importlib.util.find_spec("vllm") is None:
+            report.add("vllm_load", True, "skipped: vLLM is not installed here", warning=True)
+        else:
+            report.load = real_load(path, target_path, manifest.k or 1)
+            report.add("vllm_load", report.load["equal"], report.load["summary"])
+    return report
+
+
+def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None,
+                  target_fp: str | None = None) -> None:
+    """File set, integrity, tokenizer and target identity: every vLLM export."""
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in models.PICKLE_SUFFIXES)
+    report.add("no_pickle", not pickles, "no pickle files" if not pickles else
+               f"pickle files present ({', '.join(pickles)}); vLLM could load them instead of "
+               "the safetensors, and they are never read here")
+    weights = sorted(path.glob("*.safetensors"))
+    report.add("weights", bool(weights), f"{len(weights)} safetensors file(s)")
+    for w in weights:
+        try:
+            st.read_tensors(w)
+            report.add("integrity", True, f"{w.name} reads end to end")
+        except DspecError as e:
+            report.add("integrity", False, str(e))
+    has_tok = any((path / f).is_file() for f in _TOKENIZER_ANY)
+    report.add("tokenizer_files", has_tok, "tokenizer files present" if has_tok else
+               "no tokenizer files: vLLM drafts with the target's tokenizer, copy them in")
+    missing = [f for f in VLLM_FILES if not (path / SERVING_DIR / f).is_file()]
+    report.add("serving_configs", not missing, "serving configs present" if not missing else
+               f"{SERVING_DIR}/ lacks {', '.join(missing)}", warning=True)
+    if has_tok:
+        tok = models.tokenizer_fingerprint(path)
+        report.add("tokenizer_fingerprint_manifest", tok == manifest.tokenizer_fingerprint,
+                   f"tokenizer {_short(tok)} "
+                   f"{'matches' if tok == manifest.tokenizer_fingerprint else 'differs from'}"
+                   f" the manifest's {_short(manifest.tokenizer_fingerprint)}")
+    if target is None:
+        report.add("target", True, "no target given and the manifest's is not here: the "
+                   "checks against the target were skipped", warning=True)
+        return
+    forced = (manifest.extra.get("export") or {}).get("forced") or []
+    tfp = target_fp or models.fingerprint(target)
+    same = tfp == manifest.target_fingerprint
+    report.add("target_fingerprint", same,
+               f"target {target} is {_short(tfp)}" + ("" if same else
+               f"; the draft was made for {_short(manifest.target_fingerprint)}"
+               + (" (exported with --force)" if "target_fingerprint" in forced else "")),
+               warning="target_fingerprint" in forced)
+    if has_tok:
+        ttok = models.tokenizer_fingerprint(target)
+        same_tok = models.tokenizer_fingerprint(path) == ttok
+        report.add("tokenizer_fingerprint", same_tok,
+                   f"tokenizer {'equals' if same_tok else 'differs from'} the target's "
+                   f"({_short(ttok)})")
+        ts, ds = models._special_tokens(target), models._special_tokens(path)
+        report.add("special_tokens", ts == ds, "special tokens equal the target's" if ts == ds
+                   else f"special tokens differ: target {ts}, export {ds}")
+
+
+def _draft_model_rules(report: CheckReport, path: Path, manifest, target: Path | None,
+                       target_fp: str | None = None) -> None:
+    _common_rules(report, path, manifest, target, target_fp)
+    config = models._read_json(path / "config.json")
+    report.add("causal_lm", models._is_causal_lm(config),
+               f"architectures {config.get('architectures')}")
+    if target is not None:
+        tcfg = models._read_json(target / "config.json")
+        tv, dv = tcfg.get("vocab_size"), config.get("vocab_size")
+        report.add("vocab_size", tv == dv, f"vocab_size {dv}, target {tv}" + (
+            "" if tv == dv else ": vLLM's draft_model needs them equal"))
+        tp, dp = tcfg.get("max_position_embeddings"), config.get("max_position_embeddings")
+        report.add("max_positions", not (tp and dp and dp < tp),
+                   f"max_position_embeddings {dp}, target {tp}" + (
+                       "" if not (tp and dp and dp < tp) else
+                       f": speculation stops past {dp} tokens; serve with --max-model-len {dp} "
+                       "or extend the draft's positions"), warning=True)
+    try:
+        stored = st.read_dir(path)
+    except DspecError as e:
+        report.add("tensors", False, str(e))
+        return
+    dtypes = sorted({t.dtype for t in stored.values()})
+    floating = [d for d in dtypes if d in st.FLOAT_DTYPES]
+    report.add("dtype", len(floating) == 1 and len(dtypes) == 1,
+               f"dtypes {', '.join(dtypes)}" + ("" if len(dtypes) == 1 and floating else
+                                                ": expected one floating dtype"))
+    expected = expected_tensors(path)
+    if expected is None:
+        report.add("tensor_names", True, "architecture not known to transformers here: names "
+                   "and shapes not checked", warning=True)
+        return
+    tied = bool(config.get("tie_word_embeddings"))
+    missing = [n for n in expected if n not in stored and not (tied and n == "lm_head.weight")]
+    unexpected = [n for n in stored if n not in expected]
+    report.add("tensor_names", not missing and not unexpected,
+               f"{len(stored)} tensors, as {config.get('architectures', ['?'])[0]} expects"
+               if not missing and not unexpected else
+               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+               f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    wrong = [f"{n} {list(stored[n].shape)} (config: {list(expected[n])})" for n in stored
+             if n in expected and tuple(stored[n].shape) != tuple(expected[n])]
+    report.add("tensor_shapes", not wrong, "every shape matches the config" if not wrong else
+               "; ".join(wrong[:5]))
+
+
+def expected_tensors(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes the config's architecture has, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError):
+        return None
+    return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def real_load(path: Path, target: Path, k: int, num_prompts: int = LOAD_PROMPTS,
+              max_new_tokens: int = LOAD_NEW_TOKENS) -> dict[str, Any]:
+    """vLLM's offline engine and the reference engine on the same prompts, greedy: counts."""
+    from deepspec_plugin.bench.run import evaluate
+    from deepspec_plugin.bench.spec import SCHEMA
+
+    with tempfile.TemporaryDirectory(prefix="dspec-check-") as tmp:
+        bench = Path(tmp) / "load-check.json"
+        bench.write_text(json.dumps({
+            "schema": SCHEMA, "name": "export-load-check",
+            "description": "export check: vLLM against the reference engine, greedy",
+            "categories": {"chat": {"files": ["mt-bench.jsonl"], "num_prompts": num_prompts}},
+            "max_new_tokens": max_new_tokens, "temperatures": [0.0], "k": [int(k)],
+            "batch_sizes": [1],
+        }))
+        reports = {engine: evaluate(target, path, bench, engine, Path(tmp) / engine,
+                                    progress=False) for engine in ("vllm", "reference")}
+    counts = {engine: {key: rep["overall"][0][key] for key in COUNT_KEYS}
+              for engine, rep in reports.items()}
+    equal = counts["vllm"] == counts["reference"]
+    v = counts["vllm"]
+    summary = (f"vLLM {reports['vllm']['engine'].get('vllm', '')} loaded the draft: "
+               f"{v['num_accepted_tokens']}/{v['num_draft_tokens']} draft tokens accepted over "
+               f"{v['num_drafts']} drafts (k={k}, {num_prompts} prompts, greedy)")
+    summary += (", the same counts as the reference engine" if equal else
+                f"; the reference engine counted {counts['reference']}: vLLM runs something else")
+    return {"equal": equal, "counts": counts, "summary": summary}

@@ -3,9 +3,13 @@
 Builds (once) a Llama draft of about 1 GB in float32 for the reference target (its vocabulary
 and tokenizer; random weights: only bytes matter here), then, side by side in one run:
 
-* ``copy``: ``shutil.copyfile`` of the same safetensors bytes (the floor for moving them);
+* ``copy``: ``shutil.copyfile`` of the same safetensors bytes (the floor for moving them), and
+  ``copy+fsync`` (the same, flushed to disk as the export's files are);
 * ``export``: ``export_vllm(..., load=False)`` in a fresh process, the whole export (target and
-  tokenizer fingerprints, streamed weights, configs, manifest, the file checks);
+  tokenizer fingerprints, streamed weights, configs, manifest, the file checks), with the
+  target's fingerprint remembered from an earlier export (``deepspec_plugin.stat_cache``);
+* ``export, cold``: the same with ``DSPEC_STAT_CACHE=0``: the target's 517 MB hashed again, as
+  the first export for a target does;
 * ``export, padded vocab``: the same draft with 64 fewer vocabulary rows than the target, so the
   embedding and head are padded on the way (still streamed).
 
@@ -29,14 +33,18 @@ from pathlib import Path
 
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 1024, 4096, 12, 16, 4
 CHILD = r"""
-import json, shutil, sys, time
+import json, os, shutil, sys, time
 from pathlib import Path
 mode, src, dst, target = sys.argv[1:5]
 t = time.perf_counter()
-if mode == "copy":
+if mode.startswith("copy"):
     Path(dst).mkdir()
     for f in Path(src).glob("*.safetensors"):
         shutil.copyfile(f, Path(dst) / f.name)
+        if mode == "copy+fsync":
+            fd = os.open(Path(dst) / f.name, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
 else:
     from exporters.vllm import export_vllm
     export_vllm(src, target, dst, load=False)
@@ -113,9 +121,12 @@ def main() -> None:
     print(f"checkpoint: {len(tensors)} tensors, {total / 1e9:.2f} GB, largest "
           f"{largest / 1e6:.0f} MB; target {target.name}", flush=True)
 
-    rows: dict[str, list[dict]] = {"copy": [], "export": [], "export, padded vocab": []}
+    modes = (("export", draft), ("export, padded vocab", narrow), ("export, cold", draft),
+             ("copy", draft), ("copy+fsync", draft))
+    rows: dict[str, list[dict]] = {mode: [] for mode, _ in modes}
+    peak_of("export", draft, args.work, target)  # remembers the target's fingerprint
     for _ in range(args.repeats):
-        for mode, src in (("export", draft), ("export, padded vocab", narrow), ("copy", draft)):
+        for mode, src in modes:
             rows[mode].append(peak_of(mode, src, args.work, target))
             r = rows[mode][-1]
             print(f"  {mode:22} {r['inner_s']:6.2f} s  peak RSS {r['peak_mb']:7.0f} MB",
@@ -138,9 +149,10 @@ def peak_of(mode: str, src: Path, work: Path, target: Path) -> dict:
         'seconds = time.perf_counter() - t\n'
         'hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]\n'
         'print(json.dumps({"seconds": seconds, "hwm_kib": int(hwm)}))'))
-    proc = subprocess.run([sys.executable, "-c", code, "export" if mode != "copy" else "copy",
-                           str(src), str(dst), str(target)], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    env = dict(os.environ, DSPEC_STAT_CACHE="0" if mode == "export, cold" else "1")
+    proc = subprocess.run([sys.executable, "-c", code, mode if mode.startswith("copy")
+                           else "export", str(src), str(dst), str(target)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], env=env)
     if proc.returncode:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -296,14 +296,35 @@ def _tokenizer_table(model_dir: Path) -> dict[str, Any]:
     return {"type": type(tok).__name__, "vocab": tok.get_vocab(), "merges": [], "added": []}
 
 
+_TOKENIZER_FP_CACHE: dict[tuple, str] = {}
+
+
 def tokenizer_fingerprint(model_dir: Path) -> str:
     """Hash of a tokenizer's vocab, merges, added and special tokens and chat template.
 
     Computed from the parsed files, so re-saving with other formatting (or a library version that
-    writes merges as pairs instead of strings) keeps the fingerprint.
+    writes merges as pairs instead of strings) keeps the fingerprint. Remembered in-process by
+    the files' raw bytes (parsing a 2 MB tokenizer.json takes 0.2 s, an export asks several
+    times, and the draft's and the export's files are copies of the target's), and across
+    processes by their stats (:mod:`deepspec_plugin.stat_cache`).
     """
     model_dir = Path(model_dir)
     _require_dir(model_dir)
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            h.update(name.encode() + b"\0" + (model_dir / name).read_bytes() + b"\0")
+    key = h.hexdigest()
+    if key not in _TOKENIZER_FP_CACHE:
+        from deepspec_plugin.stat_cache import cached
+
+        files = [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+        _TOKENIZER_FP_CACHE[key] = cached("tokenizer", model_dir, files,
+                                          lambda: _tokenizer_fingerprint(model_dir))
+    return _TOKENIZER_FP_CACHE[key]
+
+
+def _tokenizer_fingerprint(model_dir: Path) -> str:
     if not any(
         (model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
     ):
@@ -343,10 +364,19 @@ def fingerprint(model_dir: Path) -> str:
 
     Hashes the canonical config.json (sorted keys, minus VOLATILE_CONFIG_KEYS), every tensor's
     name, dtype, shape and bytes (streamed from the safetensors files, in name order, so sharding
-    does not matter), and the tokenizer fingerprint. Nothing is cached.
+    does not matter), and the tokenizer fingerprint. Remembered across processes while the
+    files' sizes, mtimes and inodes stay the same (:mod:`deepspec_plugin.stat_cache`).
     """
     model_dir = Path(model_dir)
     _require_dir(model_dir)
+    from deepspec_plugin.stat_cache import cached
+
+    files = [p for p in model_dir.iterdir() if p.is_file() and (
+        p.suffix == ".safetensors" or p.name == "config.json" or p.name in TOKENIZER_FILES)]
+    return cached("fingerprint", model_dir, files, lambda: _fingerprint(model_dir))
+
+
+def _fingerprint(model_dir: Path) -> str:
     h = hashlib.sha256()
     h.update(b"config\0" + _canonical(_canonical_config(model_dir)))
     h.update(b"weights\0" + _weights_digest(model_dir).encode())

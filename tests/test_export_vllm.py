@@ -79,6 +79,9 @@ def test_draft_model_export_is_self_contained_and_checked(tiny, exported):
     # Same tensors, byte for byte; the target's tokenizer.
     src, dst = tensors(tiny.draft), tensors(out)
     assert src.keys() == dst.keys() and all(src[n].equal(dst[n]) for n in src)
+    # Nothing to change: the weights file is copied whole.
+    weights = "model.safetensors"
+    assert (out / weights).read_bytes() == (tiny.draft / weights).read_bytes()
     assert tokenizer_fingerprint(out) == tokenizer_fingerprint(tiny.target)
     m = read_manifest(out)
     assert m.method == "draft_model" and m.k == 3 and m.baseline is None
@@ -293,3 +296,68 @@ def test_cli_export_and_check(tiny, tmp_path, capsys):
     (out / "config.json").write_text(json.dumps(cfg))
     assert main(["export", "check", str(out), "--no-load"]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model_type,extra", [
+    ("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 24}),
+    ("mistral", {}), ("qwen2", {}), ("qwen3", {"head_dim": 16}),
+])
+def test_llama_family_shapes_match_transformers(model_type, extra):
+    """The check's own shape rules for the Llama family equal transformers' models."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from exporters.check import llama_tensors
+
+    c = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+         "vocab_size": 100, "tie_word_embeddings": False, **extra}
+    cfg = AutoConfig.for_model(**c)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    assert llama_tensors(cfg.to_dict()) == expected
+
+
+def test_eagle3_export_through_export_vllm(tiny, tmp_path):
+    """An EAGLE-3 head in DeepSpec's layout (conversion details: test_export_eagle3.py)."""
+    import yaml
+
+    from exporters.eagle3 import build_deepspec_eagle3
+
+    head = build_deepspec_eagle3(tiny.target, tmp_path / "head")
+    with pytest.raises(DspecError, match="draft_model"):  # its manifest says eagle3
+        export_vllm(head, tiny.target, tmp_path / "wrong", load=False)
+    result = export_vllm(head, tiny.target, tmp_path / "out", method="eagle3", k=2, load=False)
+    assert result.check.ok and result.check.format == "eagle3"
+    assert any("midlayer" in n for n in result.notes)
+    m = read_manifest(result.out)
+    assert (m.method, m.k) == ("eagle3", 2)
+    serve = yaml.safe_load((result.out / "serving_configs" / "vllm-serve.yaml").read_text())
+    assert serve["speculative-config"] == {"method": "eagle3", "model": str(result.out),
+                                           "num_speculative_tokens": 2}
+    assert tokenizer_fingerprint(result.out) == tokenizer_fingerprint(tiny.target)
+
+
+def test_streamed_writer_round_trips_with_padding_and_alignment(tiny, tmp_path):
+    """write_safetensors: renamed, padded and inline tensors read back by safetensors itself."""
+    import torch
+    from safetensors.torch import load_file
+
+    from exporters import safetensors_io as st
+
+    stored = st.read_dir(tiny.draft)
+    embed = stored["model.embed_tokens.weight"]
+    plan = [st.padded_rows(embed, "a.embed", embed.shape[0] + 3),
+            st.renamed(stored["model.norm.weight"], "b.norm"),
+            st.Planned("c.ids", "I64", (2,), data=torch.tensor([7, 9]).numpy().tobytes())]
+    st.write_safetensors(tmp_path / "x.safetensors", plan)
+    back = load_file(tmp_path / "x.safetensors")
+    src = tensors(tiny.draft)
+    assert back["a.embed"][:-3].equal(src["model.embed_tokens.weight"])
+    assert not back["a.embed"][-3:].any()
+    assert back["b.norm"].equal(src["model.norm.weight"]) and back["c.ids"].tolist() == [7, 9]
+    assert st.unchanged_file(plan) is None
+    with pytest.raises(ValueError, match="bytes planned"):
+        st.write_safetensors(tmp_path / "y.safetensors",
+                             [st.Planned("bad", "F32", (3,), data=b"\0" * 8)])

@@ -458,3 +458,22 @@ def test_long_inputs_set_prefill_tokens(tiny, sources, tmp_path):
     script = (out / "serving_configs/tgi-launcher.sh").read_text()
     assert "--max-batch-prefill-tokens 6000" in script
     assert any("max_position_embeddings" in n for n in res.notes)
+
+
+def test_cli_export_tgi_and_check(tiny, sources, tmp_path, capsys):
+    from deepspec_plugin.cli import main
+
+    out = tmp_path / "cli-medusa"
+    assert main(["export", "tgi", "--draft", str(sources["medusa"]), "--target",
+                 str(tiny.target), "--out", str(out), "--speculate", "2"]) == 0
+    assert "exported medusa" in capsys.readouterr().out
+    assert read_manifest(out).k == 2
+    assert main(["export", "check", str(out)]) == 0  # TGI: the loader rules, no engine to load
+    assert "all checks passed" in capsys.readouterr().out
+    assert main(["export", "tgi", "--draft", str(tiny.draft), "--target", str(tiny.target),
+                 "--out", str(tmp_path / "lm")]) == 2
+    assert "TGI cannot serve one" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["export", "check", str(out)]) == 1

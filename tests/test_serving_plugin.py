@@ -793,3 +793,21 @@ def test_good_settings_are_used(served, make_logger, monkeypatch):
     assert t.spans == (30.0, 120.0) and t.window_labels == ("30s", "2m")
     assert t.drift == DriftSettings(relative_drop=0.3, target_arl0_tokens=1e6)
     assert t.drift_state("0").p1 == pytest.approx(0.55 * 0.7)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_the_plugin_is_off_without_speculative_decoding(tiny, monkeypatch):
+    """A plain server gets no deepspec metrics: "tokens but no drafts" would read as a broken
+    draft (the DeepSpecNoSpecDecodeTraffic alert)."""
+    from prometheus_client import REGISTRY, generate_latest
+    from vllm.engine.arg_utils import EngineArgs
+
+    from deepspec_plugin.serving.vllm_logger import DeepSpecStatLogger
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = EngineArgs(model=str(tiny.target), max_model_len=256).create_engine_config()
+    logger = DeepSpecStatLogger(config, [0])
+    assert logger.telemetry is None
+    logger.record(*step_stats(None, 5))  # and recording is a no-op
+    assert "deepspec_" not in generate_latest(REGISTRY).decode()

@@ -62,6 +62,10 @@ class DeepSpecStatLogger(_Base):
         elif isinstance(engine_indexes, int):  # the per-engine signature of older vLLM
             engine_indexes = [engine_indexes]
         self.telemetry: SpecTelemetry | None = None
+        if getattr(vllm_config, "speculative_config", None) is None:
+            # Nothing to watch, and "tokens but no drafts" would read as a broken draft.
+            log.info("deepspec plugin: off (this server has no speculative decoding)")
+            return
         try:
             self.telemetry = _telemetry_for(vllm_config, engine_indexes)
             exposition.install(self.telemetry)
@@ -95,8 +99,7 @@ class DeepSpecStatLogger(_Base):
                 drafts = sd.num_drafts
                 draft_tokens = sd.num_draft_tokens
                 accepted = sd.num_accepted_tokens
-                # Newer than vLLM 0.6, and not needed for the counts: a stats class without it
-                # still counts everything but the per-position series.
+                # Not needed for the counts: without it, all but the per-position series count.
                 per_position = getattr(sd, "num_accepted_tokens_per_pos", None) or ()
             engine = self._engine_labels.get(engine_idx)
             if engine is None:

@@ -46,7 +46,7 @@ if mode.startswith("copy"):
             os.fsync(fd)
             os.close(fd)
 else:
-    from exporters.vllm import export_vllm
+    from deepspec_plugin.exporters.vllm import export_vllm
     export_vllm(src, target, dst, load=False)
 print(json.dumps({"seconds": time.perf_counter() - t}))
 """
@@ -109,7 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from deepspec_plugin.models import reference_target
-    from exporters.safetensors_io import read_dir
+    from deepspec_plugin.exporters.safetensors_io import read_dir
 
     target = reference_target()
     vocab = json.loads((target / "config.json").read_text())["vocab_size"]

@@ -75,8 +75,8 @@ def main() -> None:
 
     from deepspec_plugin.bench.run import evaluate
     from deepspec_plugin.models import draft_init, reference_target
-    from train.data import DEFAULT_PROMPT_FILES, generate_data, storage_report
-    from train.trainer import train
+    from deepspec_plugin.train.data import DEFAULT_PROMPT_FILES, generate_data, storage_report
+    from deepspec_plugin.train.trainer import train
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

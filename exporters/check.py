@@ -2,7 +2,7 @@
 
 Run at the end of every export (before the export is renamed into place) and on its own. The
 format comes from the manifest's ``method``: TGI's head formats are checked by
-:mod:`exporters.tgi_rules`, EAGLE-3 by :mod:`exporters.eagle3`, a vLLM ``draft_model`` here:
+:mod:`deepspec_plugin.exporters.tgi_rules`, EAGLE-3 by :mod:`deepspec_plugin.exporters.eagle3`, a vLLM ``draft_model`` here:
 
 * files: ``config.json``, safetensors weights only (pickles refused, never read), the tokenizer
   files, ``deepspec.json``, the serving configs;
@@ -30,9 +30,9 @@ from typing import Any
 from deepspec_plugin import models
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import FILENAME, read_manifest
-from exporters import safetensors_io as st
-from exporters.findings import CheckReport
-from exporters.serving import SERVING_DIR, VLLM_FILES
+from deepspec_plugin.exporters import safetensors_io as st
+from deepspec_plugin.exporters.findings import CheckReport
+from deepspec_plugin.exporters.serving import SERVING_DIR, VLLM_FILES
 
 LOAD_PROMPT_FILES = (("chat", "mt-bench.jsonl"), ("code", "humaneval.jsonl"),
                      ("math", "gsm8k.jsonl"))
@@ -70,17 +70,17 @@ def check_export(path: str | Path, target: str | Path | None = None, *, load: bo
     manifest = read_manifest(path)
     target_path = export_target(path, target)
     if manifest.method in ("medusa", "mlp_speculator"):
-        from exporters.tgi_rules import check_tgi
+        from deepspec_plugin.exporters.tgi_rules import check_tgi
 
         return check_tgi(path, target_path)
     report = CheckReport(path=path, format=manifest.method)
     if manifest.method == "eagle3":
-        from exporters.eagle3 import check_vllm_eagle3
+        from deepspec_plugin.exporters.eagle3 import check_vllm_eagle3
 
         report.findings += check_vllm_eagle3(path, target_path).findings
         _common_rules(report, path, manifest, target_path, target_fingerprint)
         if load and report.ok and target_path is not None and _vllm_installed(report):
-            from exporters.eagle3 import vllm_load_eagle3
+            from deepspec_plugin.exporters.eagle3 import vllm_load_eagle3
 
             # No reference engine runs EAGLE-3: the check is that vLLM loads the head, drafts
             # with it, and its greedy output equals plain decoding.

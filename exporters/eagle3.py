@@ -36,7 +36,7 @@ head), ``num_aux_hidden_states`` (the 0.32 Llama head sizes ``fc`` from it, else
 ``norm_before_residual``. vLLM's aux id i is the hidden state entering target layer i (0 = the
 embeddings, num_layers = the last layer's output before the final norm).
 
-The conversion, streamed tensor by tensor (:mod:`exporters.safetensors_io`):
+The conversion, streamed tensor by tensor (:mod:`deepspec_plugin.exporters.safetensors_io`):
 ``layers.0.*`` → ``midlayer.*``; ``embed_tokens`` dropped where it equals the target's (vLLM shares
 the target's), kept otherwise; ``d2t`` written as int64, ``t2d`` dropped; ``target_layer_ids`` L →
 ``eagle_aux_hidden_state_layer_ids`` L + 1; ``Qwen3Eagle3Model`` → ``Eagle3Qwen3ForCausalLM``
@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
-from exporters import safetensors_io as st
-from exporters.findings import CheckReport
+from deepspec_plugin.exporters import safetensors_io as st
+from deepspec_plugin.exporters.findings import CheckReport
 
 DEEPSPEC_ARCHITECTURES = ("Qwen3Eagle3Model",)
 VLLM_LLAMA_ARCH = "Eagle3LlamaForCausalLM"
@@ -664,7 +664,7 @@ def build_deepspec_eagle3(target: str | Path, out: str | Path, *,
     else:
         state["lm_head.weight"] = lm_head.clone()
     return _save_deepspec_head(target, out, state, config,
-                               {"stand_in": "random weights from exporters.eagle3."
+                               {"stand_in": "random weights from deepspec_plugin.exporters.eagle3."
                                             "build_deepspec_eagle3, not trained", "seed": seed})
 
 
@@ -713,7 +713,7 @@ def _save_deepspec_head(target: Path, out: Path, state: dict[str, Any], config: 
 
     from deepspec_plugin.manifest import DraftManifest, write_manifest
     from deepspec_plugin.models import _atomic_dir, fingerprint, tokenizer_fingerprint
-    from exporters.output import copy_tokenizer_files
+    from deepspec_plugin.exporters.output import copy_tokenizer_files
 
     with _atomic_dir(out) as tmp:
         save_file({k: state[k].contiguous() for k in sorted(state)},
@@ -859,7 +859,7 @@ def build_oracle_eagle3(target: str | Path, out: str | Path, prompts: list[list[
         rows[torch.tensor(_permutation(successor, vocab))] = lm_head  # row succ(a) = row a
         state["lm_head.weight"] = rows
     return _save_deepspec_head(target, out, state, config, {
-        "stand_in": "oracle weights from exporters.eagle3.build_oracle_eagle3, not trained",
+        "stand_in": "oracle weights from deepspec_plugin.exporters.eagle3.build_oracle_eagle3, not trained",
         "seed": seed, "oracle": {"prompts": len(prompts), "max_new_tokens": max_new_tokens,
                                  "mapped_tokens": len(successor)}})
 
@@ -875,7 +875,7 @@ def _permutation(partial: dict[int, int], size: int) -> list[int]:
 VLLM_SCRIPT = r'''
 """Greedy generation in vLLM's offline LLM: the target alone, then with each EAGLE-3 head.
 
-Written out and run by exporters.eagle3.run_vllm_eagle3 (vLLM spawns processes and wants its
+Written out and run by deepspec_plugin.exporters.eagle3.run_vllm_eagle3 (vLLM spawns processes and wants its
 caller's main module guarded, so it never runs inside the caller). Usage: SPEC.json RESULT.json.
 """
 import gc

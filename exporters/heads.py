@@ -13,7 +13,7 @@ hidden state. Two layouts are read here, as their training tools write them:
   ``scale_input``; tensors ``emb.{i}.weight``, ``proj.{i}.weight``, ``head.{i}.weight``,
   ``ln.{i}.weight|bias``, with or without the ``speculator.`` prefix.
 
-Reading only looks at safetensors headers (:mod:`exporters.safetensors_io`): an exporter then
+Reading only looks at safetensors headers (:mod:`deepspec_plugin.exporters.safetensors_io`): an exporter then
 streams the bytes it needs. Pickle weights are refused, never loaded.
 
 ``build_medusa`` and ``build_mlp_speculator`` write small random head drafts sized from a target's
@@ -30,7 +30,7 @@ from typing import Any
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.models import PICKLE_SUFFIXES, _read_json
-from exporters.safetensors_io import StoredTensor, read_dir, read_tensors, same_bytes
+from deepspec_plugin.exporters.safetensors_io import StoredTensor, read_dir, read_tensors, same_bytes
 
 MEDUSA = "medusa"
 MLP_SPECULATOR = "mlp_speculator"
@@ -284,7 +284,7 @@ def build_medusa(target: str | Path, out: str | Path, num_heads: int = 3, num_la
     from safetensors.torch import save_file
 
     from deepspec_plugin.manifest import write_manifest
-    from exporters.output import copy_tokenizer_files, staged_output
+    from deepspec_plugin.exporters.output import copy_tokenizer_files, staged_output
 
     target, out = Path(target), Path(out)
     hidden, vocab = _target_dims(target)
@@ -320,7 +320,7 @@ def build_mlp_speculator(target: str | Path, out: str | Path, n_predict: int = 3
     from safetensors.torch import save_file
 
     from deepspec_plugin.manifest import write_manifest
-    from exporters.output import copy_tokenizer_files, staged_output
+    from deepspec_plugin.exporters.output import copy_tokenizer_files, staged_output
 
     target, out = Path(target), Path(out)
     hidden, vocab = _target_dims(target)

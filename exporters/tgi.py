@@ -2,7 +2,7 @@
 
 TGI (Text Generation Inference) speculates only with Medusa heads, an MLP speculator, or n-gram
 lookups: it cannot run a standalone draft model, so one is refused with that reason and the
-alternative. The export directory holds what TGI's loader reads (see :mod:`exporters.tgi_rules`,
+alternative. The export directory holds what TGI's loader reads (see :mod:`deepspec_plugin.exporters.tgi_rules`,
 where every rule names its source in TGI):
 
 - Medusa: ``medusa_lm_head.safetensors`` with unprefixed names and a ``config.json`` without
@@ -32,11 +32,11 @@ from deepspec_plugin.manifest import (
     write_manifest,
 )
 from deepspec_plugin.models import _read_json, fingerprint, tokenizer_fingerprint
-from exporters import heads
-from exporters.findings import ExportResult
-from exporters.output import copy_tokenizer_files, refuse_existing, staged_output
-from exporters.safetensors_io import Planned, renamed, write_safetensors
-from exporters.tgi_rules import (
+from deepspec_plugin.exporters import heads
+from deepspec_plugin.exporters.findings import ExportResult
+from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
+from deepspec_plugin.exporters.safetensors_io import Planned, renamed, write_safetensors
+from deepspec_plugin.exporters.tgi_rules import (
     DEFAULT_MAX_BATCH_PREFILL_TOKENS,
     MEDUSA_WEIGHTS,
     MLP_ARCHITECTURE,

@@ -7,7 +7,7 @@ inference commit db931fcf42da (2026-01-08; TGI is in maintenance mode, so this i
 state). Paths are relative to that repository. When TGI changes, re-read the named function
 and adjust the rule.
 
-Used by :func:`exporters.tgi.export_tgi` on every export before it lands, and by
+Used by :func:`deepspec_plugin.exporters.tgi.export_tgi` on every export before it lands, and by
 ``dspec export check`` for TGI exports.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.models import PICKLE_SUFFIXES
-from exporters.findings import CheckReport
-from exporters.safetensors_io import FLOAT_DTYPES, StoredTensor, read_dir, read_tensors
+from deepspec_plugin.exporters.findings import CheckReport
+from deepspec_plugin.exporters.safetensors_io import FLOAT_DTYPES, StoredTensor, read_dir, read_tensors
 
 MEDUSA = "medusa"
 MLP_SPECULATOR = "mlp_speculator"

@@ -8,12 +8,12 @@ Two methods:
   and target differ only by padding rows of the vocabulary, the embedding and head are padded (or
   cut back to unused rows) to the target's size, and the export says so. Where the tokenizers
   truly differ the export is refused, naming the first differing tokens.
-* ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by :mod:`exporters.eagle3`.
+* ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by :mod:`deepspec_plugin.exporters.eagle3`.
 
 Beside the weights: ``deepspec.json`` (the draft manifest: the target's and tokenizer's
 fingerprints, method, k, the baseline acceptance from ``--report``, and the draft's training
-record carried over) and ``serving_configs/`` (:mod:`exporters.serving`). Everything is written
-into a staging directory, checked (:func:`exporters.check.check_export`, with a real vLLM load
+record carried over) and ``serving_configs/`` (:mod:`deepspec_plugin.exporters.serving`). Everything is written
+into a staging directory, checked (:func:`deepspec_plugin.exporters.check.check_export`, with a real vLLM load
 where vLLM is installed) and only then renamed to ``out``.
 """
 
@@ -34,10 +34,10 @@ from deepspec_plugin.manifest import (
     read_manifest,
     write_manifest,
 )
-from exporters import safetensors_io as st
-from exporters.findings import ExportResult
-from exporters.output import copy_tokenizer_files, refuse_existing, staged_output
-from exporters.serving import SERVING_DIR, write_vllm_configs
+from deepspec_plugin.exporters import safetensors_io as st
+from deepspec_plugin.exporters.findings import ExportResult
+from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
+from deepspec_plugin.exporters.serving import SERVING_DIR, write_vllm_configs
 
 METHODS = ("draft_model", "eagle3")
 DEFAULT_K = 4
@@ -99,7 +99,7 @@ def export_vllm(
             "(recorded in the manifest)",
         )
     if method == "draft_model" and source is None:
-        from exporters.eagle3 import is_deepspec_eagle3
+        from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3
 
         if is_deepspec_eagle3(draft):
             raise DspecError(f"{draft} is an EAGLE-3 head (DeepSpec layout), not a draft model",
@@ -126,7 +126,7 @@ def export_vllm(
             write_weights(plan, stage)
             notes += plan.notes
         else:
-            from exporters.eagle3 import write_vllm_eagle3
+            from deepspec_plugin.exporters.eagle3 import write_vllm_eagle3
 
             notes += write_vllm_eagle3(draft, target, stage)
         copy_tokenizer_files(target, stage)
@@ -148,7 +148,7 @@ def export_vllm(
             }},
         )
         write_manifest(manifest, stage / FILENAME)
-        from exporters.check import check_export
+        from deepspec_plugin.exporters.check import check_export
 
         check = check_export(stage, target, load=load, target_fingerprint=target_fp)
         check.path = out

@@ -240,7 +240,7 @@ def test_line_separators_inside_json_strings_are_not_line_breaks(tmp_path):
 def test_every_shipped_prompt_file_loads():
     from deepspec_plugin.bench.prompts import load_prompt_file
     from deepspec_plugin.bench.spec import PROMPTS_DIR
-    from train.data import DEFAULT_PROMPT_FILES
+    from deepspec_plugin.train.data import DEFAULT_PROMPT_FILES
 
     files = sorted(PROMPTS_DIR.glob("*.jsonl")) + list(DEFAULT_PROMPT_FILES)
     assert len(files) == 11

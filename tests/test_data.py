@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from train.data import (
+from deepspec_plugin.train.data import (
     DEFAULT_PROMPT_FILES,
     check_data_target,
     generate_data,

@@ -23,8 +23,8 @@ import pytest
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
 from deepspec_plugin.errors import DspecError
-from train.data import generate_data, read_data
-from train.endpoint import MIN_CHECKED, EndpointGenerator
+from deepspec_plugin.train.data import generate_data, read_data
+from deepspec_plugin.train.endpoint import MIN_CHECKED, EndpointGenerator
 
 PROMPTS = [
     ["What is two plus three?"],

@@ -1,4 +1,4 @@
-"""EAGLE-3 heads from DeepSpec's layout into vLLM's (exporters.eagle3), on the tiny target.
+"""EAGLE-3 heads from DeepSpec's layout into vLLM's (deepspec_plugin.exporters.eagle3), on the tiny target.
 
 The heads are built here from the tiny 4-layer Llama target (random weights in DeepSpec's
 ``Qwen3Eagle3Model`` layout, nothing downloaded), converted into a staging directory, and checked:
@@ -25,8 +25,8 @@ import pytest
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import read_manifest
 from deepspec_plugin.models import fingerprint
-from exporters import safetensors_io as st
-from exporters.eagle3 import (
+from deepspec_plugin.exporters import safetensors_io as st
+from deepspec_plugin.exporters.eagle3 import (
     build_deepspec_eagle3,
     build_oracle_eagle3,
     check_vllm_eagle3,
@@ -37,7 +37,7 @@ from exporters.eagle3 import (
     vllm_load_eagle3,
     write_vllm_eagle3,
 )
-from exporters.output import copy_tokenizer_files
+from deepspec_plugin.exporters.output import copy_tokenizer_files
 
 HIDDEN, VOCAB, REDUCED = 128, 512, 256
 ORACLE_MIN_RATE = 0.7  # accepted tokens per draft, right conversion (vLLM 0.32 measured 0.86)
@@ -484,7 +484,7 @@ def test_vllm_load_eagle3_accepts_the_oracle(tiny, oracle, tmp_path):
     path) and greedy output is unchanged. Measured: 175 of 406 draft tokens over 203 drafts
     (0.86 per draft; the second draft position repeats the first, so it is never right). About
     80 s on a busy 2-core CPU."""
-    from exporters.vllm import export_vllm
+    from deepspec_plugin.exporters.vllm import export_vllm
 
     out = tmp_path / "export"
     export_vllm(oracle["reduced"], tiny.target, out, k=ORACLE_K, method="eagle3", load=False)

@@ -18,8 +18,8 @@ from deepspec_plugin.cli import main
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import read_manifest, write_manifest
 from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
-from exporters.check import check_export
-from exporters.vllm import export_vllm
+from deepspec_plugin.exporters.check import check_export
+from deepspec_plugin.exporters.vllm import export_vllm
 
 
 def tree_digest(path: Path) -> str:
@@ -177,7 +177,7 @@ def test_existing_output_is_refused_or_replaced_whole(tiny, exported, tmp_path):
 
 def test_a_failure_late_in_the_export_keeps_the_old_export(tiny, exported, tmp_path,
                                                           monkeypatch):
-    import exporters.vllm as vllm_export
+    import deepspec_plugin.exporters.vllm as vllm_export
 
     out = tmp_path / "out"
     shutil.copytree(exported.out, out)
@@ -307,7 +307,7 @@ def test_llama_family_shapes_match_transformers(model_type, extra):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from exporters.check import llama_tensors
+    from deepspec_plugin.exporters.check import llama_tensors
 
     c = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 96,
          "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
@@ -323,7 +323,7 @@ def test_eagle3_export_through_export_vllm(tiny, tmp_path):
     """An EAGLE-3 head in DeepSpec's layout (conversion details: test_export_eagle3.py)."""
     import yaml
 
-    from exporters.eagle3 import build_deepspec_eagle3
+    from deepspec_plugin.exporters.eagle3 import build_deepspec_eagle3
 
     head = build_deepspec_eagle3(tiny.target, tmp_path / "head")
     with pytest.raises(DspecError, match="draft_model"):  # its manifest says eagle3
@@ -344,7 +344,7 @@ def test_streamed_writer_round_trips_with_padding_and_alignment(tiny, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from exporters import safetensors_io as st
+    from deepspec_plugin.exporters import safetensors_io as st
 
     stored = st.read_dir(tiny.draft)
     embed = stored["model.embed_tokens.weight"]

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from exporters.vllm import export_vllm
+from deepspec_plugin.exporters.vllm import export_vllm
 
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed (scripts/setup.sh installs it)")

@@ -24,7 +24,7 @@ from hub_standin import HubStandIn  # noqa: E402  (tests/ is on sys.path: no __i
 
 from deepspec_plugin.errors import DspecError  # noqa: E402
 from deepspec_plugin.manifest import write_manifest  # noqa: E402
-from exporters.hub import model_card, push, push_and_report  # noqa: E402
+from deepspec_plugin.exporters.hub import model_card, push, push_and_report  # noqa: E402
 
 TOKEN = "hf_standinWriteToken0123456789abcdef"
 READ_TOKEN = "hf_standinReadOnlyToken0123456789ab"
@@ -428,7 +428,7 @@ def test_env_token_not_an_argument():
 def test_cli_push_of_a_real_export(hub, tiny, tmp_path, capsys, monkeypatch):
     """`dspec export vllm` output pushed with `dspec push`: exit codes, output, no token."""
     from deepspec_plugin.cli import main
-    from exporters.vllm import export_vllm
+    from deepspec_plugin.exporters.vllm import export_vllm
 
     out = export_vllm(tiny.draft, tiny.target, tmp_path / "exported", load=False).out
     assert main(["push", str(out), "--repo", REPO, "--revision", "v1"]) == 0

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from train.data import generate_data
-from train.lora import DEFAULT_TARGETS, LoraSpec, apply_lora, parameter_counts, parse_lora
-from train.trainer import train
+from deepspec_plugin.train.data import generate_data
+from deepspec_plugin.train.lora import DEFAULT_TARGETS, LoraSpec, apply_lora, parameter_counts, parse_lora
+from deepspec_plugin.train.trainer import train
 
 PROMPTS = [
     ["What is two plus three?"],

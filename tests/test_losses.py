@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepspec_plugin.errors import DspecError
-from train.losses import (
+from deepspec_plugin.train.losses import (
     TargetSignal,
     acceptance_from_tvd,
     coarsen,

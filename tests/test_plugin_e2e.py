@@ -88,7 +88,7 @@ def bench(tmp_path_factory) -> Path:
 def exported(models, bench, tmp_path_factory) -> Path:
     """The draft exported for vLLM, its manifest's baseline measured by the reference engine."""
     from deepspec_plugin.bench.run import evaluate
-    from exporters.vllm import export_vllm
+    from deepspec_plugin.exporters.vllm import export_vllm
 
     out = tmp_path_factory.mktemp("report")
     evaluate(models.target, models.draft, bench=bench, engine="reference", out=out,

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
-    from deepspec_plugin.quickstart import run_quickstart
+    from deepspec_plugin.recipes.quickstart import run_quickstart
 
     bench = tmp_path / "mini.json"
     bench.write_text(
@@ -28,7 +28,7 @@ def test_quickstart_end_to_end(tmp_path):
             }
         )
     )
-    from deepspec_plugin.quickstart import QuickstartPlan, comparison_rows
+    from deepspec_plugin.recipes.quickstart import QuickstartPlan, comparison_rows
 
     plan = QuickstartPlan(num_prompts=8, max_new_tokens=8, steps=3, batch_size=4, lr=1e-3)
     result = run_quickstart(

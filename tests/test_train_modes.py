@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from train.data import generate_data, read_data
-from train.trainer import train
+from deepspec_plugin.train.data import generate_data, read_data
+from deepspec_plugin.train.trainer import train
 
 PROMPTS = [
     ["What is two plus three?"],
@@ -47,7 +47,7 @@ def test_fresh_init_builds_a_small_random_draft_of_the_target_family(tiny, full_
     assert result.manifest["init"]["spec"] == spec
     assert result.final_acceptance > result.start_acceptance
     # The same seed builds the same start (a resume rebuilds it exactly); another seed does not.
-    from train.init import fresh_draft
+    from deepspec_plugin.train.init import fresh_draft
 
     a = fresh_draft(tiny.target, spec, tmp_path / "a", seed=0)
     b = fresh_draft(tiny.target, spec, tmp_path / "b", seed=0)
@@ -77,8 +77,8 @@ def test_online_teacher_equals_the_stored_signal_when_k_is_the_vocabulary(tiny, 
     import torch
 
     from deepspec_plugin.models import load_causal_lm
-    from train.losses import make_loss
-    from train.trainer import _draft_logits, _signal, collate
+    from deepspec_plugin.train.losses import make_loss
+    from deepspec_plugin.train.trainer import _draft_logits, _signal, collate
 
     samples = list(read_data(full_data))[:4]
     batch = collate(samples)
@@ -110,7 +110,7 @@ def test_rollout_continues_the_context_with_the_drafts_own_tokens(tiny, full_dat
     from deepspec_plugin.bench.engines.reference import ReferenceEngine
     from deepspec_plugin.bench.run import stop_token_ids
     from deepspec_plugin.models import load_causal_lm, load_tokenizer
-    from train.on_policy import context_of, is_on_policy, rollout
+    from deepspec_plugin.train.on_policy import context_of, is_on_policy, rollout
 
     samples = list(read_data(full_data))[:3]
     draft = load_causal_lm(tiny.draft).train()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from train.data import generate_data
-from train.trainer import train
+from deepspec_plugin.train.data import generate_data
+from deepspec_plugin.train.trainer import train
 
 PROMPTS = [
     ["What is two plus three?"],

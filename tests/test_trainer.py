@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from train.data import Sample, generate_data, read_data
-from train.trainer import batch_indices, collate, evaluate, split_by_prompt, train
+from deepspec_plugin.train.data import Sample, generate_data, read_data
+from deepspec_plugin.train.trainer import batch_indices, collate, evaluate, split_by_prompt, train
 
 PROMPTS = [
     ["What is two plus three?"],

@@ -58,7 +58,7 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Write step-N: ``write_draft(dir)`` saves the weights; ``optimizer_state`` is name-keyed
-    (`train.distributed.full_state`)."""
+    (`deepspec_plugin.train.distributed.full_state`)."""
     import torch
     from safetensors.torch import save_file
 

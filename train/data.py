@@ -398,7 +398,7 @@ def generate_data(
     turn, chat-formatted, is longer (a batch pads to its longest prompt, and the drafts serve
     short contexts; the count skipped is in the manifest). ``endpoint`` has an OpenAI-compatible
     server (vLLM, TGI, SGLang) write the responses instead of the local target; the local target
-    still computes the top-k signal (see `train.endpoint`).
+    still computes the top-k signal (see `deepspec_plugin.train.endpoint`).
     """
     from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
@@ -464,7 +464,7 @@ def generate_data(
 
     model = load_causal_lm(target, device=device)
     if endpoint:
-        from train.endpoint import EndpointGenerator
+        from deepspec_plugin.train.endpoint import EndpointGenerator
 
         engine = EndpointGenerator(endpoint, tokenizer)
     else:

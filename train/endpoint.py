@@ -1,7 +1,7 @@
 """Training responses written by a running OpenAI-compatible server (vLLM, TGI, SGLang).
 
 ``dspec data generate --endpoint URL`` uses ``EndpointGenerator`` in place of the local target's
-plain decoding; the local target still scores each finished sequence (`train.data`). So a server
+plain decoding; the local target still scores each finished sequence (`deepspec_plugin.train.data`). So a server
 must serve the SAME target: the stored ids have to be the target tokenizer's, and the responses
 the target's own.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from train.data import Sample
+from deepspec_plugin.train.data import Sample
 
 
 def is_on_policy(fraction: float, seed: int, micro_batch: int) -> bool:

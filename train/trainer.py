@@ -1,9 +1,9 @@
 """Distil a draft model on target-generated data: one readable training loop (nanoGPT style).
 
 ``train(target, data, out)`` checks that the data was made by this target, initialises the draft
-(`train.init`: ``layers:N``, ``fresh[:...]`` or an existing same-tokenizer model), splits
+(`deepspec_plugin.train.init`: ``layers:N``, ``fresh[:...]`` or an existing same-tokenizer model), splits
 the samples into train / held-out by prompt (seeded), and minimises a distillation loss
-(`train.losses.make_loss`) against the stored top-k target signal, with AdamW, linear warmup then
+(`deepspec_plugin.train.losses.make_loss`) against the stored top-k target signal, with AdamW, linear warmup then
 cosine decay, gradient clipping and accumulation, and bf16 autocast (by default on CUDA only).
 
 **Alignment.** A sample's ``topk_*`` row r is the target's distribution for its r-th response
@@ -15,7 +15,7 @@ at t is ``loss_mask[t + 1]``; logits and signal are both ``[B, L - 1, ...]``.
 acceptance, on the top-k coarsening) and greedy agreement, token-weighted over the held-out
 samples, at the start, every ``eval_every`` steps and at the end.
 
-**Checkpoints** (`train.checkpoint`: ``out/checkpoints/step-N``, written into a temp dir and
+**Checkpoints** (`deepspec_plugin.train.checkpoint`: ``out/checkpoints/step-N``, written into a temp dir and
 renamed, last ``keep_last`` kept): the draft (safetensors), the optimizer tensors keyed by
 parameter name and the torch RNG state (``optimizer.safetensors``) and everything else as JSON
 (``state.json``). Nothing is unpickled. ``resume=True`` continues from the newest checkpoint,
@@ -25,7 +25,7 @@ Training N steps straight or k steps, a kill, and a resume to N give the same we
 **Output**: ``out/draft``, a Hugging Face checkpoint with the target's tokenizer files and a
 ``deepspec.json`` draft manifest, renamed into place when complete.
 
-**LoRA** (``lora="r=16,alpha=32,targets=q_proj+v_proj"``, see `train.lora`): the draft is
+**LoRA** (``lora="r=16,alpha=32,targets=q_proj+v_proj"``, see `deepspec_plugin.train.lora`): the draft is
 wrapped with PEFT after initialisation (base frozen, only the adapter trains; the trainable/total
 parameter counts are logged); checkpoints hold the adapter weights, and resume rebuilds the base
 from the init and loads them; the output is ``out/adapter`` (PEFT ``save_pretrained``) and
@@ -34,9 +34,9 @@ manifest (``"lora"``).
 
 **Teacher**: the stored top-k signal, or (``teacher="online"``) the target run on each batch for
 its full distributions. **On-policy** (``on_policy=F``): a seeded fraction F of micro-batches is
-continued by the draft itself and graded by the target online (`train.on_policy`).
+continued by the draft itself and graded by the target online (`deepspec_plugin.train.on_policy`).
 
-**Scale** (`train.distributed`): under torchrun each process trains its slice of a global batch
+**Scale** (`deepspec_plugin.train.distributed`): under torchrun each process trains its slice of a global batch
 of ``batch_size * world`` samples per micro-batch, with DDP or FSDP (``parallel``), and N
 processes of batch B train exactly as one process of batch N * B. Only rank 0 writes.
 """
@@ -178,7 +178,7 @@ def _signal(batch: dict[str, Any], signal_temperature: float, teacher=None):
     """The target signal at the response positions only, as ``[1, N, ...]`` (see _draft_logits):
     the stored top-k, or the full distribution of ``teacher`` (the target, run now) when given or
     when the batch has no stored signal."""
-    from train.losses import TargetSignal
+    from deepspec_plugin.train.losses import TargetSignal
 
     if teacher is not None or "topk_ids" not in batch:
         if teacher is None:
@@ -199,7 +199,7 @@ def _response_logits(model, batch: dict[str, Any]):
     would dominate time and memory; only the N positions that predict a response token are needed.
     Losses over these N rows need no mask: their mean is the masked mean over the batch.
     """
-    from train.distributed import unwrap
+    from deepspec_plugin.train.distributed import unwrap
 
     base = unwrap(model)
     hidden = base.model(
@@ -257,7 +257,7 @@ def evaluate(
     """Token-weighted held-out 1 - TVD (``acceptance``) and greedy agreement of the draft."""
     import torch
 
-    from train.losses import acceptance_from_tvd, greedy_agreement
+    from deepspec_plugin.train.losses import acceptance_from_tvd, greedy_agreement
 
     was_training = model.training
     model.eval()
@@ -299,7 +299,7 @@ def _autocast(device: str, precision: str = "auto"):
 
 def _data_fingerprint(data: Path) -> str:
     """Identity of a data directory: its manifest's shard checksums and settings."""
-    from train.data import load_manifest
+    from deepspec_plugin.train.data import load_manifest
 
     m = load_manifest(data)
     payload = {
@@ -395,14 +395,14 @@ def train(
     """Distil a draft for `target` on `data` into `out` (see the module docstring).
 
     ``stop_at`` stops after that step (with a checkpoint), as a kill would: the run is resumed
-    with ``resume=True`` and the same arguments. ``lora`` is a `train.lora.parse_lora` spec.
+    with ``resume=True`` and the same arguments. ``lora`` is a `deepspec_plugin.train.lora.parse_lora` spec.
     ``teacher="online"`` trains on the target's full distributions, computed now, instead of the
     stored top-k; ``on_policy`` is the fraction of micro-batches the draft writes itself
-    (`train.on_policy`). Under torchrun, ``batch_size`` is per process (`train.distributed`);
+    (`deepspec_plugin.train.on_policy`). Under torchrun, ``batch_size`` is per process (`deepspec_plugin.train.distributed`);
     ``parallel`` is ``ddp`` or ``fsdp``. ``precision``: ``auto`` (bf16 on CUDA), ``fp32``, ``bf16``.
     """
-    from train import distributed as dist
-    from train.distributed import PARALLEL_MODES
+    from deepspec_plugin.train import distributed as dist
+    from deepspec_plugin.train.distributed import PARALLEL_MODES
 
     world, device = dist.setup(device)
     try:
@@ -420,7 +420,7 @@ def train(
 
 
 def _bad_parallel(parallel: str):
-    from train.distributed import PARALLEL_MODES
+    from deepspec_plugin.train.distributed import PARALLEL_MODES
 
     raise DspecError(f"unknown parallel mode {parallel!r}", f"use {' or '.join(PARALLEL_MODES)}")
 
@@ -468,11 +468,11 @@ def _train(target, data, out, *, world, draft_init, loss, steps, lr, batch_size,
         load_tokenizer,
         tokenizer_fingerprint,
     )
-    from train import checkpoint as ckpts
-    from train import distributed as dist
-    from train.data import check_data_target, read_data
-    from train.init import init_draft
-    from train.lora import (
+    from deepspec_plugin.train import checkpoint as ckpts
+    from deepspec_plugin.train import distributed as dist
+    from deepspec_plugin.train.data import check_data_target, read_data
+    from deepspec_plugin.train.init import init_draft
+    from deepspec_plugin.train.lora import (
         apply_lora,
         check_targets_of,
         load_adapter_weights,
@@ -480,8 +480,8 @@ def _train(target, data, out, *, world, draft_init, loss, steps, lr, batch_size,
         parameter_counts,
         parse_lora,
     )
-    from train.losses import make_loss
-    from train.on_policy import is_on_policy, rollout, rollout_seed
+    from deepspec_plugin.train.losses import make_loss
+    from deepspec_plugin.train.on_policy import is_on_policy, rollout, rollout_seed
 
     def log(msg: str) -> None:
         if progress and world.is_main:
@@ -776,7 +776,7 @@ def _probe_signal(signal_temperature: float):
     before any work is done."""
     import torch
 
-    from train.losses import TargetSignal
+    from deepspec_plugin.train.losses import TargetSignal
 
     return TargetSignal(
         topk_ids=torch.zeros(1, 1, 1, dtype=torch.long),

@@ -161,7 +161,7 @@ def data_generate(
     Resumes a run stopped part-way (same arguments); never mixes data of other settings.
     """
     from deepspec_plugin.models import resolve_model
-    from train.data import DEFAULT_PROMPT_FILES, generate_data, storage_report
+    from deepspec_plugin.train.data import DEFAULT_PROMPT_FILES, generate_data, storage_report
 
     manifest = generate_data(
         resolve_model(target),
@@ -264,7 +264,7 @@ def train_command(
     NCCL on GPU; --batch-size is per process).
     """
     from deepspec_plugin.models import resolve_model
-    from train.trainer import train
+    from deepspec_plugin.train.trainer import train
 
     result = train(
         resolve_model(target),
@@ -465,7 +465,7 @@ def export_vllm_command(
 ):
     """A draft into a directory vLLM serves (draft_model or EAGLE-3), with serving configs."""
     from deepspec_plugin.models import resolve_model
-    from exporters.vllm import export_vllm
+    from deepspec_plugin.exporters.vllm import export_vllm
 
     with console.status("Exporting (and loading in vLLM: a minute or two)..." if load
                         else "Exporting..."):
@@ -495,7 +495,7 @@ def export_tgi_command(
 ):
     """A Medusa or MLP-speculator head draft into TGI's format, with launcher args and env file."""
     from deepspec_plugin.models import resolve_model
-    from exporters.tgi import export_tgi
+    from deepspec_plugin.exporters.tgi import export_tgi
 
     result = export_tgi(draft, resolve_model(target), out, speculate=speculate,
                         max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,
@@ -511,7 +511,7 @@ def export_check_command(
     load: Annotated[bool, typer.Option(help="Also load it in real vLLM where installed.")] = True,
 ):
     """Check an export against its engine's loader rules and its target; exit 1 if a rule fails."""
-    from exporters.check import check_export
+    from deepspec_plugin.exporters.check import check_export
 
     report = check_export(path, target, load=load)
     _print_check(report)
@@ -536,7 +536,7 @@ def push(
     """Upload an export to the Hugging Face Hub in one commit, with a model card.
 
     The token comes from HF_TOKEN or `hf auth login`, never from the command line."""
-    from exporters.hub import push_and_report
+    from deepspec_plugin.exporters.hub import push_and_report
 
     with console.status(f"Pushing {path} to {repo}..."):
         push_and_report(path, repo, private=private, revision=revision,
@@ -563,7 +563,7 @@ def quickstart(
 ):
     """The embedded default end to end: reference target, a draft-init draft, training data from
     the target, distillation, and the quick bench of the untrained and the distilled draft."""
-    from deepspec_plugin.quickstart import comparison_rows, run_quickstart
+    from deepspec_plugin.recipes.quickstart import comparison_rows, run_quickstart
 
     result = run_quickstart(out, bench=bench, layers=layers, fast=fast, train=train,
                             log=console.print)
@@ -647,7 +647,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     # In non-standalone mode click returns a typer.Exit's code instead of raising it.
     return code if isinstance(code, int) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

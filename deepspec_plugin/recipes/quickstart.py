@@ -104,7 +104,7 @@ def run_quickstart(
 
     trained_draft = None
     if train:
-        from train.data import DEFAULT_PROMPT_FILES, generate_data
+        from deepspec_plugin.train.data import DEFAULT_PROMPT_FILES, generate_data
 
         data = out / ("data-fast" if fast else "data")
         log(f"[3/{stages}] training data: the target answers {plan.num_prompts} training prompts "
@@ -144,7 +144,7 @@ def run_quickstart(
 def _train_once(target: Path, data: Path, run: Path, init: Path, plan: QuickstartPlan,
                 progress: bool, log: Callable[[str], None]) -> Path:
     """The distilled draft: a finished run of the same settings is reused, others restarted."""
-    from train.trainer import train
+    from deepspec_plugin.train.trainer import train
 
     settings = dict(draft_init=str(init), loss=LOSS, steps=plan.steps,
                     batch_size=plan.batch_size, lr=plan.lr, warmup_steps=max(1, plan.steps // 10),

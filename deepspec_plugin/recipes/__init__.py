@@ -1,0 +1,1 @@
+"""Recipes: whole jobs composed from the core, ``train`` and ``exporters``, read top to bottom."""

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from deepspec_plugin.fileio import atomic_write_json
 
 MAX_ENTRIES = 256
 RACY_S = 2.0
@@ -69,11 +70,7 @@ def cached(kind: str, directory: Path, files: Iterable[Path], compute: Callable[
         table[key] = {"stat": stats, "value": value, "used": time.time()}
         for old in sorted(table, key=lambda k: table[k].get("used", 0))[:-MAX_ENTRIES]:
             del table[old]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".stat-cache.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
+        atomic_write_json(path, data, indent=None)
     except OSError:
         pass  # a read-only home is no reason to fail: the value is still right
     return value

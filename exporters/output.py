@@ -8,12 +8,12 @@ A failed or interrupted export leaves ``out`` as it was and no temp directory be
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.models import TOKENIZER_FILES, _atomic_dir
+from deepspec_plugin.fileio import atomic_dir
+from deepspec_plugin.models import copy_tokenizer_files
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -30,18 +30,8 @@ def staged_output(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory that becomes ``out`` when the block ends without an error."""
     out = Path(out)
     refuse_existing(out, overwrite)
-    with _atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=True) as tmp:
         yield tmp
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    """Copy the tokenizer files (and generation_config.json) of ``src``; returns their names."""
-    copied = []
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied.append(name)
-    if not any(n in copied for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        raise DspecError(f"{src} has no tokenizer files", "point --target at a model directory "
-                         "with its tokenizer files")
-    return copied
+__all__ = ["copy_tokenizer_files", "refuse_existing", "staged_output"]

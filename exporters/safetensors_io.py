@@ -3,9 +3,8 @@
 An export renames, prefixes and pads tensors; it never needs two of them in memory. The writer
 takes a plan (name, dtype, shape, where the bytes come from), writes the header first, then copies
 each tensor's bytes straight from its source file in chunks, so peak memory is one chunk, not one
-checkpoint. The reader checks what ``safetensors`` itself would only find late or not at all: a
-truncated file, overlapping or out-of-range offsets, a byte count that does not match the shape.
-Nothing is ever unpickled.
+checkpoint. Reading is :mod:`deepspec_plugin.tensorfiles` (strict, headers only, never unpickled);
+its names are imported here because every plan is made of the tensors it returns.
 """
 
 from __future__ import annotations
@@ -15,102 +14,27 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.tensorfiles import (  # the reading half, shared with the core
+    DTYPE_SIZES,
+    FLOAT_DTYPES,
+    StoredTensor,
+    corrupt_fix,
+    read_dir,
+    read_tensors,
+)
+
+__all__ = [  # the exporters plan with what the reader returns: one import for both halves
+    "CHUNK", "DTYPE_SIZES", "FLOAT_DTYPES", "PAGE", "Planned", "StoredTensor", "padded_rows",
+    "read_dir", "read_tensors", "renamed", "same_bytes", "unchanged_file", "write_or_copy",
+    "write_safetensors",
+]
 
 CHUNK = 8 << 20
 PAGE = 4096
-MAX_HEADER = 100 << 20  # safetensors' own limit
-DTYPE_SIZES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor's bytes are in a safetensors file."""
-
-    name: str
-    path: Path
-    offset: int  # absolute position of the first byte in the file
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _fix(path: Path) -> str:
-    return f"re-save or re-copy {path.name} (it is corrupt or was cut short)"
-
-
-def read_tensors(path: str | Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, with every offset checked against the file's size."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise DspecError(f"{path} is not a safetensors file (only {size} bytes)",
-                                 _fix(path))
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(MAX_HEADER, size - 8):
-                raise DspecError(f"{path} has a header length of {n} bytes in a {size}-byte file",
-                                 _fix(path))
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise DspecError(f"{path} is missing", "point at a directory with its weights") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DspecError(f"{path} has a corrupt safetensors header", _fix(path)) from None
-    if not isinstance(header, dict):
-        raise DspecError(f"{path} has a corrupt safetensors header", _fix(path))
-    base = 8 + n
-    out: dict[str, StoredTensor] = {}
-    spans = []
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = e["dtype"], tuple(int(d) for d in e["shape"]), \
-                e["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise DspecError(f"{path}: tensor {name} has a malformed header entry",
-                             _fix(path)) from None
-        if dtype not in DTYPE_SIZES:
-            raise DspecError(f"{path}: tensor {name} has unknown dtype {dtype!r}", _fix(path))
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - start != nbytes or start < 0:
-            raise DspecError(f"{path}: tensor {name} {dtype}{list(shape)} needs {nbytes} bytes, "
-                             f"its offsets span {end - start}", _fix(path))
-        if base + end > size:
-            raise DspecError(f"{path} is truncated: tensor {name} ends at byte {base + end}, the "
-                             f"file has {size}", _fix(path))
-        spans.append((start, end, name))
-        out[name] = StoredTensor(name, path, base + start, nbytes, dtype, shape)
-    spans.sort()
-    for (_, e1, n1), (s2, _, n2) in zip(spans, spans[1:]):
-        if s2 < e1:
-            raise DspecError(f"{path}: tensors {n1} and {n2} overlap", _fix(path))
-    return out
-
-
-def read_dir(model_dir: str | Path, files: Iterable[str] | None = None) -> dict[str, StoredTensor]:
-    """Every tensor of a model directory (all ``*.safetensors``, or the named files)."""
-    model_dir = Path(model_dir)
-    paths = [model_dir / f for f in files] if files is not None \
-        else sorted(model_dir.glob("*.safetensors"))
-    index: dict[str, StoredTensor] = {}
-    for p in paths:
-        for name, t in read_tensors(p).items():
-            if name in index:
-                raise DspecError(f"tensor {name} is stored twice in {model_dir} "
-                                 f"({index[name].path.name} and {p.name})", "remove the stale file")
-            index[name] = t
-    return index
 
 
 @dataclass(frozen=True)
@@ -240,7 +164,7 @@ def _copy_range(t: StoredTensor, out) -> None:
                 n = os.sendfile(out.fileno(), src.fileno(), offset, min(left, 1 << 30))
                 if n == 0:
                     raise DspecError(f"{t.path} is truncated inside tensor {t.name}",
-                                     _fix(t.path))
+                                     corrupt_fix(t.path))
                 left -= n
                 offset += n
             return
@@ -250,6 +174,7 @@ def _copy_range(t: StoredTensor, out) -> None:
         while left:
             chunk = src.read(min(CHUNK, left))
             if not chunk:
-                raise DspecError(f"{t.path} is truncated inside tensor {t.name}", _fix(t.path))
+                raise DspecError(f"{t.path} is truncated inside tensor {t.name}",
+                                 corrupt_fix(t.path))
             out.write(chunk)
             left -= len(chunk)

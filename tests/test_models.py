@@ -14,7 +14,7 @@ from deepspec_plugin.errors import DspecError
 
 
 def _prompts(n: int) -> list[str]:
-    data = Path(models.__file__).parent / "bench" / "data" / "prompts" / "mt-bench.jsonl"
+    data = Path(models.__file__).parent.parent / "bench" / "data" / "prompts" / "mt-bench.jsonl"
     return [json.loads(line)["turns"][0] for line in data.read_text().splitlines()[:n]]
 
 
@@ -111,7 +111,7 @@ def test_chat_template_and_eos(tiny):
     assert im_end in gen["eos_token_id"]
     assert tok.convert_tokens_to_ids("<|endoftext|>") in gen["eos_token_id"]
     tok_cfg = json.loads((tiny.target / "tokenizer_config.json").read_text())
-    assert tok_cfg["chat_template"] == models.CHATML_TEMPLATE
+    assert tok_cfg["chat_template"] == models.tiny.CHATML_TEMPLATE
 
 
 def test_acceptance_proxy_in_band(tiny):
@@ -242,7 +242,7 @@ def _draft_with_tokenizer(
 ) -> Path:
     """A copy of the tiny draft whose tokenizer (and vocab size) is replaced by another one."""
     draft = _copy(tiny.draft, tmp_path / name)
-    tok = models._train_tiny_tokenizer(texts, vocab_size=vocab_size)
+    tok = models.tiny.train_tiny_tokenizer(texts, vocab_size=vocab_size)
     tok.save_pretrained(str(draft))
     _edit_config(draft, vocab_size=len(tok))
     return draft
@@ -250,7 +250,7 @@ def _draft_with_tokenizer(
 
 def test_check_pair_vocab_mismatch(tiny, tmp_path):
     models.check_pair(tiny.target, tiny.draft)
-    small = _draft_with_tokenizer(tiny, tmp_path, "small", models._prompt_texts(), vocab_size=320)
+    small = _draft_with_tokenizer(tiny, tmp_path, "small", models.tiny.tiny_prompt_texts(), vocab_size=320)
     with pytest.raises(DspecError, match=r"vocab sizes differ: target .* 512, draft .* 320"):
         models.check_pair(tiny.target, small)
 

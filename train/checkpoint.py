@@ -15,13 +15,13 @@ A checkpoint is written into a temp dir and renamed, so any ``step-N`` is comple
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from deepspec_plugin.fileio import atomic_dir, json_text
 
 CHECKPOINTS = "checkpoints"
 
@@ -65,8 +65,7 @@ def save_checkpoint(
     root = Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     dest = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.tmp-", dir=root))
-    try:
+    with atomic_dir(dest, overwrite=True) as tmp:  # a rerun of the same step replaces it
         write_draft(tmp / "draft")
         tensors, scalars = {}, {}
         for name, entry in optimizer_state["state"].items():
@@ -86,14 +85,7 @@ def save_checkpoint(
             scheduler=scheduler.state_dict(),
             rng_python=[py_state[0], list(py_state[1]), py_state[2]],
         )
-        (tmp / "state.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if dest.exists():  # a rerun of the same step: replace it
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "state.json").write_text(json_text(full, indent=1))
     for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return dest

@@ -56,14 +56,10 @@ def fresh_draft(target: Path, spec: str, out: Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from deepspec_plugin.models import (
-        LLAMA_LIKE_MODEL_TYPES,
-        _atomic_dir,
-        _copy_tokenizer_files,
-        _read_json,
-    )
+    from deepspec_plugin.fileio import atomic_dir, read_json
+    from deepspec_plugin.models import LLAMA_LIKE_MODEL_TYPES, copy_tokenizer_files
 
-    raw = _read_json(Path(target) / "config.json")
+    raw = read_json(Path(target) / "config.json")
     if raw.get("model_type") not in LLAMA_LIKE_MODEL_TYPES:
         raise DspecError(
             f"{target} is a {raw.get('model_type')!r} model; fresh drafts copy a Llama-like config",
@@ -104,9 +100,9 @@ def fresh_draft(target: Path, spec: str, out: Path, seed: int = 0) -> Path:
     finally:
         torch.set_rng_state(generator_state)  # the caller's RNG stream is not disturbed
     hf_logging.disable_progress_bar()
-    with _atomic_dir(Path(out), overwrite=True) as tmp:
+    with atomic_dir(Path(out), overwrite=True) as tmp:
         model.save_pretrained(str(tmp))
-        _copy_tokenizer_files(Path(target), tmp)
+        copy_tokenizer_files(Path(target), tmp)
     return Path(out)
 
 

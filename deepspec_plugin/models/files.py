@@ -1,0 +1,73 @@
+"""A model directory as files: what must be there, what it holds, what is copied with it."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from deepspec_plugin.errors import DspecError
+from deepspec_plugin.tensorfiles import tensor_index
+
+# Model families whose checkpoints are `model.embed_tokens`, `model.layers.{i}.*`, `model.norm`,
+# `lm_head` and whose config truncates by changing `num_hidden_layers`.
+LLAMA_LIKE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def require_model_dir(path: Path) -> None:
+    if not Path(path).is_dir():
+        raise DspecError(
+            f"model directory {path} does not exist", "build or download the model, or fix the path"
+        )
+
+
+def architectures(config: dict[str, Any]) -> list[str]:
+    return list(config.get("architectures") or [])
+
+
+def is_causal_lm(config: dict[str, Any]) -> bool:
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures(config))
+
+
+def require_causal_lm(model_dir: Path, config: dict[str, Any]) -> None:
+    if not is_causal_lm(config):
+        arch = (
+            ", ".join(architectures(config))
+            or f"model_type {config.get('model_type')!r}, no architectures"
+        )
+        raise DspecError(
+            f"{model_dir} is not a causal language model ({arch})",
+            "point at a *ForCausalLM checkpoint",
+        )
+
+
+def param_count(path: Path) -> int:
+    """Number of parameters stored in a model directory, read from safetensors headers only."""
+    require_model_dir(Path(path))
+    return sum(math.prod(t.shape) for t in tensor_index(Path(path)).values())
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer files (and generation_config.json) of ``src``; returns their names."""
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    if not any(n in copied for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        raise DspecError(f"{src} has no tokenizer files", "point --target at a model directory "
+                         "with its tokenizer files")
+    return copied

@@ -1,0 +1,81 @@
+"""Loading models (safetensors only, never the hub) and checking that a pair can speculate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deepspec_plugin.errors import DspecError
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.models.files import require_causal_lm, require_model_dir
+from deepspec_plugin.models.tokenizer import first_tokenizer_difference, tokenizer_fingerprint
+from deepspec_plugin.tensorfiles import refuse_missing_weights, safetensors_files
+
+
+def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32"):
+    """Load a causal LM from safetensors only, in eval mode with gradients off."""
+    path = Path(path)
+    require_model_dir(path)
+    config = read_json(path / "config.json")
+    require_causal_lm(path, config)
+    if not safetensors_files(path):
+        refuse_missing_weights(path)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise DspecError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per model load is noise in a CLI and in logs
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, use_safetensors=True, local_files_only=True
+        )
+    except Exception as e:  # noqa: BLE001 - whatever the reader says, the checkpoint is unusable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DspecError(
+            f"cannot load the model in {path}: {type(e).__name__}: {reason}",
+            "the checkpoint is corrupt or incomplete: rebuild or re-copy it",
+        ) from e
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def check_pair(target: Path, draft: Path) -> None:
+    """Refuse a draft that cannot speculate for `target`: other vocab or tokenizer, not an LM."""
+    target, draft = Path(target), Path(draft)
+    for d in (target, draft):
+        require_model_dir(d)
+    tcfg, dcfg = read_json(target / "config.json"), read_json(draft / "config.json")
+    require_causal_lm(target, tcfg)
+    require_causal_lm(draft, dcfg)
+    tv, dv = tcfg.get("vocab_size"), dcfg.get("vocab_size")
+    if tv != dv:
+        raise DspecError(
+            f"vocab sizes differ: target {target} has {tv}, draft {draft} has {dv}",
+            "build the draft from the target (dspec models draft-init) so they share a vocabulary",
+        )
+    if tokenizer_fingerprint(target) != tokenizer_fingerprint(draft):
+        raise DspecError(
+            f"tokenizers differ between target {target} and draft {draft}: "
+            + first_tokenizer_difference(target, draft),
+            "copy the target's tokenizer files into the draft directory",
+        )
+
+
+def resolve_model(spec: str) -> Path:
+    """`reference` → the prepared reference target; anything else must be an existing directory."""
+    if spec == "reference":
+        from deepspec_plugin.models.reference import reference_target
+
+        return reference_target()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise DspecError(
+            f"model {spec!r} is neither 'reference' nor an existing directory",
+            "pass 'reference' or the path of a local model directory (no hub downloads)",
+        )
+    return path

@@ -1,0 +1,165 @@
+"""The house: what each layer may import, what the wheel installs, a user's train.py.
+
+Layers, bottom up (the README's "Layout"): the core (``deepspec_plugin`` less the three below),
+then ``deepspec_plugin.train`` and ``deepspec_plugin.exporters`` (side by side, neither imports
+the other), then the CLI and the recipes on top. Every import counts, those inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Source folders and the package each installs as (pyproject's package-dir).
+SOURCES = {"deepspec_plugin": ROOT / "deepspec_plugin", "deepspec_plugin.train": ROOT / "train",
+           "deepspec_plugin.exporters": ROOT / "exporters"}
+TOP = ("deepspec_plugin.cli", "deepspec_plugin.recipes")
+MIDDLE = ("deepspec_plugin.train", "deepspec_plugin.exporters")
+# What each layer may not import.
+FORBIDDEN = {
+    "core": MIDDLE + TOP,
+    "deepspec_plugin.train": ("deepspec_plugin.exporters",) + TOP,
+    "deepspec_plugin.exporters": ("deepspec_plugin.train",) + TOP,
+    "top": (),
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the installed package, by dotted name."""
+    out = {}
+    for package, folder in SOURCES.items():
+        for path in sorted(folder.rglob("*.py")):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([package, *parts])
+            if package == "deepspec_plugin" and name.startswith(MIDDLE):
+                continue  # not a source folder of the core
+            out[name] = path
+    return out
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _layer(module: str) -> str:
+    if _within(module, TOP):
+        return "top"
+    for middle in MIDDLE:
+        if _within(module, (middle,)):
+            return middle
+    return "core"
+
+
+def _package(module: str) -> str:
+    """The unit whose privates stay inside: ``deepspec_plugin.models``, ``.bench``, ``.metrics``."""
+    return ".".join(module.split(".")[:2])
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every import in the file, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            found.append((base, [a.name for a in node.names], node.lineno))
+    return found
+
+
+MODULES = _modules()
+
+
+def test_the_source_tree_is_read():
+    assert {"deepspec_plugin.metrics", "deepspec_plugin.models.fingerprint",
+            "deepspec_plugin.train.trainer", "deepspec_plugin.exporters.vllm",
+            "deepspec_plugin.cli.app", "deepspec_plugin.recipes.quickstart"} <= set(MODULES)
+
+
+def test_imports_point_down():
+    upward = []
+    for module, path in MODULES.items():
+        forbidden = FORBIDDEN[_layer(module)]
+        for imported, names, line in _imports(path, module):
+            targets = [imported] + [f"{imported}.{n}" for n in names]
+            if any(_within(t, forbidden) for t in targets):
+                upward.append(f"{path.relative_to(ROOT)}:{line} ({_layer(module)}) imports "
+                              f"{imported}")
+    assert not upward, "imports that point up:\n" + "\n".join(upward)
+
+
+def test_no_generic_top_level_imports():
+    bare = [f"{path.relative_to(ROOT)}:{line} imports {imported}"
+            for module, path in MODULES.items()
+            for imported, _, line in _imports(path, module)
+            if imported.split(".")[0] in ("train", "exporters")]
+    assert not bare, "\n".join(bare)
+
+
+def test_no_private_names_across_packages():
+    crossing = []
+    for module, path in MODULES.items():
+        for imported, names, line in _imports(path, module):
+            if not imported.startswith("deepspec_plugin") or _package(imported) == _package(module):
+                continue
+            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            if private:
+                crossing.append(f"{path.relative_to(ROOT)}:{line} takes {private} from {imported}")
+    assert not crossing, "\n".join(crossing)
+
+
+def test_every_package_is_installed():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    on_disk = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    assert on_disk == listed, f"pyproject packages: missing {on_disk - listed}, stale " \
+                              f"{listed - on_disk}"
+    assert config["package-dir"] == {"deepspec_plugin.train": "train",
+                                     "deepspec_plugin.exporters": "exporters"}
+
+
+def test_the_wheel_installs_one_top_level_package(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"deepspec_plugin",
+                                                  "deepspec_plugin-0.1.0.dist-info"}
+    for needed in ("deepspec_plugin/train/trainer.py", "deepspec_plugin/exporters/vllm.py",
+                   "deepspec_plugin/train/prompts/gsm8k.jsonl",
+                   "deepspec_plugin/bench/data/benches/quick.json",
+                   "deepspec_plugin/serving/monitoring/alerts.yml"):
+        assert needed in names
+
+
+@pytest.mark.parametrize("command", [["train", "--help"], ["export", "vllm", "--help"],
+                                     ["models", "fingerprint", "--help"]])
+def test_cli_runs_beside_a_users_train_py(tmp_path, command):
+    """A user's own train.py and exporters.py in the working directory shadow nothing."""
+    (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
+    (tmp_path / "exporters.py").write_text("raise SystemExit('the user exporters.py was imported')\n")
+    run = subprocess.run([sys.executable, "-m", "deepspec_plugin.cli", *command], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "Usage: dspec" in run.stdout
+    probe = subprocess.run(
+        [sys.executable, "-c", "import deepspec_plugin.train.trainer, "
+         "deepspec_plugin.exporters.vllm, importlib.util as u, sys; sys.path.remove(''); "
+         "print(u.find_spec('train'), u.find_spec('exporters'))"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["None", "None"]  # nothing generic in site-packages

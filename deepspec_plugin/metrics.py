@@ -35,6 +35,10 @@ Definitions:
   forward step over the time of one target forward step.
 * **measured speedup** = tokens/s with the draft / tokens/s of plain decoding of the same target
   on the same engine, prompts and lengths, in the same run.
+
+TGI exposes no draft counters; ``tgi_spec_counts`` turns the counters it has into these counts
+(``deepspec_plugin.serving.tgi_sidecar`` traces them to TGI's source), for the bench's endpoint
+engine and the TGI sidecar alike.
 """
 
 from __future__ import annotations
@@ -200,6 +204,31 @@ def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
 def speedup(tokens_per_s_spec: float, tokens_per_s_plain: float) -> float | None:
     """Measured speedup: throughput with the draft over plain decoding, same run."""
     return _ratio(tokens_per_s_spec, tokens_per_s_plain)
+
+
+def tgi_decode_steps(request_steps: int, prefills: int | None) -> int:
+    """TGI's drafts: request-steps that were decode steps, ``request_steps - prefills``.
+
+    ``request_steps`` is ``tgi_request_skipped_tokens_count`` (one observation per request per
+    forward pass, prefills included) and ``prefills`` is ``tgi_batch_next_size_sum`` (requests
+    sent to prefill; each is prefilled in one step, since TGI turns prefill chunking off when it
+    speculates). A prefill is counted in ``prefills`` just before its step appears, so the
+    difference is kept at 0 or more. ``prefills`` None (not exposed): every request-step counts.
+    """
+    return max(0, request_steps - (prefills or 0))
+
+
+def tgi_spec_counts(
+    request_steps: int, accepted: int, prefills: int | None, speculate: int
+) -> SpecCounts:
+    """Counts from TGI's counters (cumulative values, or the increase between two reads).
+
+    Every decode step of a request drafts ``speculate`` tokens (TGI's ``--speculate N``, which it
+    does not expose); ``accepted`` is ``tgi_request_skipped_tokens_sum``. TGI has no per-position
+    data, so ``accepted_per_position`` stays empty.
+    """
+    drafts = tgi_decode_steps(request_steps, prefills)
+    return SpecCounts(drafts, drafts * speculate, accepted)
 
 
 def summarize(c: SpecCounts) -> dict:

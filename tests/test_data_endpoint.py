@@ -11,15 +11,15 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from local_http import LocalServer, free_port  # tests/ is on sys.path: no __init__.py
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
 from deepspec_plugin.errors import DspecError
@@ -61,13 +61,7 @@ def _stored(out: Path) -> list[tuple]:
              s.topk_ids.tolist()) for s in read_data(out)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
+class _Server(LocalServer):
     """An http.server on 127.0.0.1 in a thread; subclasses answer the requests."""
 
     models: list[dict] | None = [{"id": "tiny", "object": "model", "owned_by": "vllm"}]
@@ -75,17 +69,7 @@ class _Server:
     def __init__(self):
         self.requests: list[dict] = []
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(self._handler())
 
     def complete(self, body: dict) -> tuple[int, dict]:
         raise NotImplementedError
@@ -306,7 +290,7 @@ def test_unreachable_server_and_http_errors(tokenizer):
     cfg = GenerationConfig(max_new_tokens=4)
     with pytest.raises(DspecError, match=r"no server at http://127\.0\.0\.1:\d+/v1/models.*"
                                          r"start it or check --endpoint"):
-        EndpointGenerator(f"http://127.0.0.1:{_free_port()}", tokenizer)
+        EndpointGenerator(f"http://127.0.0.1:{free_port()}", tokenizer)
 
     message = "This model's maximum context length is 256 tokens"
     with ScriptedServer(400, {"error": {"message": message, "type": "BadRequestError"}},
@@ -334,7 +318,7 @@ def plain_vllm_server(target: Path, workdir: Path):
     import requests
     from test_vllm_real import SERVER_READY_TIMEOUT_S, _log_tail, _stop
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = workdir / "vllm-server.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from local_http import LocalServer, free_port  # tests/ is on sys.path: no __init__.py
+from tgi_standin import StandInTgi
 
 from deepspec_plugin.bench import promparse
 from deepspec_plugin.bench.engines.base import GenerationConfig
@@ -16,6 +17,7 @@ from deepspec_plugin.bench.engines.endpoint import EndpointEngine
 from deepspec_plugin.bench.engines.factory import ENGINES, make_engine
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
+from deepspec_plugin.serving.tgi_sidecar import TgiSidecar, build_telemetry, read_tgi_once
 
 MODEL = "tiny-target"
 K = 3
@@ -25,7 +27,7 @@ VLLM_ACCEPTED_PER_DRAFT = (3, 1, 0, 2)
 TGI_SKIPPED_PER_STEP = (0, 2, 1, 0, 3)
 
 
-class StandInServer:
+class StandInServer(LocalServer):
     """A STAND-IN for vLLM / TGI (not a model server): a tiny http.server on 127.0.0.1.
 
     It answers ``/v1/completions`` with fixed tokens and serves ``/metrics`` in the exact text
@@ -36,8 +38,10 @@ class StandInServer:
       and ``position``; copied from the output of vLLM's own SpecDecodingProm class). Requests
       alternate between engines 0 and 1 of MODEL (data parallelism); the label sets of another
       model advance on every request too and must not be counted.
-    * ``tgi``: TGI's ``tgi_request_skipped_tokens`` as metrics-exporter-prometheus renders a
-      histogram without buckets (a summary: quantile lines, ``_sum``, ``_count``), plus a counter.
+    * ``tgi``: TGI's page as ``StandInTgi`` (tests/tgi_standin.py) renders it, the same page the
+      TGI sidecar's tests read: each request is queued and prefilled alone, then decoded step by
+      step. ``other_client_steps``, when set, are the decode steps of another client's request,
+      prefilled and decoded along with the next request.
     * ``vllm-nospec``: a vLLM server without speculation (no spec-decode counters).
     """
 
@@ -51,20 +55,9 @@ class StandInServer:
             (MODEL, "1"): [0, 0, 0, [0] * K],
             ("other-model", "0"): [7, 21, 9, [5, 3, 1]],
         }
-        self.tgi_sum = 0.0
-        self.tgi_count = 0
-        self.tgi_requests = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.tgi = StandInTgi(speculate=K)
+        self.other_client_steps: tuple[int, ...] = ()
+        super().__init__(self._handler())
 
     # --- what a request does ---------------------------------------------------------------
 
@@ -81,16 +74,20 @@ class StandInServer:
                         for i in range(a):
                             c[3][i] += 1
             elif self.flavor == "tgi":
-                self.tgi_requests += 1
-                self.tgi_count += len(TGI_SKIPPED_PER_STEP)
-                self.tgi_sum += sum(TGI_SKIPPED_PER_STEP)
+                for steps in (TGI_SKIPPED_PER_STEP[1:], self.other_client_steps):
+                    if steps:
+                        self.tgi.prefill(1)
+                        for accepted in steps:
+                            self.tgi.decode([accepted])
+                        self.tgi.finish(len(steps) + sum(steps))
+                self.other_client_steps = ()
 
     # --- exposition text -------------------------------------------------------------------
 
     def metrics_text(self) -> str:
         with self.lock:
             if self.flavor == "tgi":
-                return self._tgi_text()
+                return self.tgi.render()
             if self.flavor == "vllm":
                 return self._vllm_text()
             return (
@@ -129,27 +126,6 @@ class StandInServer:
                 labels = f'engine="{engine}",model_name="{model}",position="{pos}"'
                 out.append(f"{name}_created{{{labels}}} {created}")
         return "\n".join(out) + "\n"
-
-    def _tgi_text(self) -> str:
-        lines = [
-            "# TYPE tgi_request_count counter",
-            f"tgi_request_count {self.tgi_requests}",
-            "",
-        ]
-        if self.tgi_count:  # the metrics crate shows a histogram only once something was recorded
-            lines += [
-                "# HELP tgi_request_skipped_tokens Speculated tokens per request",
-                "# TYPE tgi_request_skipped_tokens summary",
-            ]
-            for q in ("0", "0.5", "0.9", "0.95", "0.99", "0.999", "1"):
-                value = 0 if q == "0" else 1.0000000000000002  # quantiles: not read by the engine
-                lines.append(f'tgi_request_skipped_tokens{{quantile="{q}"}} {value}')
-            lines += [
-                f"tgi_request_skipped_tokens_sum {self.tgi_sum}",
-                f"tgi_request_skipped_tokens_count {self.tgi_count}",
-                "",
-            ]
-        return "\n".join(lines) + "\n"
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -206,12 +182,6 @@ class StandInServer:
                 )
 
         return Handler
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -304,12 +274,40 @@ def test_tgi_deltas(tokenizer):
             engine.generate([prompt], GenerationConfig(max_new_tokens=100, k=K))
 
 
+def test_tgi_counts_are_the_sidecars(tokenizer):
+    """One TGI page, read by the endpoint engine (batch deltas, the report's figures) and by the
+    TGI sidecar (scrape deltas, the dashboard's), gives the same counts, here with another client's
+    request served during the batch: its prefill step is not a draft either."""
+    with StandInServer("tgi") as server:
+        engine = EndpointEngine(server.url, speculate=K, tokenizer=tokenizer)
+        metrics_url = f"{server.url}/metrics"
+        sidecar = TgiSidecar(metrics_url, K, build_telemetry(K, model_name="m"))
+        assert sidecar.scrape_once() is not None  # the sidecar's starting point
+        server.other_client_steps = (1, 3, 0)
+        prompt = tokenizer("Janet has three apples").input_ids
+        result = engine.generate([prompt, prompt], GenerationConfig(max_new_tokens=6, k=K))
+        fed = sidecar.scrape_once()
+        once = read_tgi_once(metrics_url, K)  # since TGI started, which is this batch here
+    drafts = 2 * (len(TGI_SKIPPED_PER_STEP) - 1) + 3
+    accepted = 2 * sum(TGI_SKIPPED_PER_STEP) + 1 + 3 + 0
+    expected = SpecCounts(drafts, drafts * K, accepted, [])
+    assert result.counts == expected
+    assert SpecCounts(fed.drafts, fed.draft_tokens, fed.accepted, []) == expected
+    assert once.counts == expected
+
+
 def test_unreachable_server_fails_fast():
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
     with pytest.raises(DspecError, match="no server at") as err:
         EndpointEngine(url)
     assert time.monotonic() - start < 5
+    assert "start it or check --endpoint" in str(err.value)
+
+
+def test_a_bad_url_is_a_one_line_error():
+    with pytest.raises(DspecError, match="no server at notaurl/metrics") as err:
+        EndpointEngine("notaurl")
     assert "start it or check --endpoint" in str(err.value)
 
 

@@ -106,3 +106,17 @@ def test_measured_speedup_and_summary():
     assert s["acceptance_rate"] == pytest.approx(0.75)
     assert s["acceptance_length"] == pytest.approx(2.5)
     assert not any(isinstance(v, float) and math.isnan(v) for v in s.values())
+
+
+def test_tgi_counts_from_its_counters():
+    # 3 requests prefilled (3 request-steps recording 0), then 5 decode steps drafting 4 tokens
+    # each, 9 of them accepted: tgi_request_skipped_tokens_count 8, _sum 9; next_size_sum 3.
+    c = metrics.tgi_spec_counts(request_steps=8, accepted=9, prefills=3, speculate=4)
+    assert c == SpecCounts(5, 20, 9, [])
+    assert metrics.acceptance_rate(c) == pytest.approx(9 / 20)
+    assert metrics.acceptance_length(c) == pytest.approx(1 + 9 / 5)
+    assert metrics.tgi_decode_steps(8, 3) == 5
+    # A prefill batch counted in next_size before its steps appear: never below 0 drafts.
+    assert metrics.tgi_decode_steps(2, 3) == 0
+    # tgi_batch_next_size not exposed: every request-step counts as a draft.
+    assert metrics.tgi_spec_counts(8, 9, None, 4) == SpecCounts(8, 32, 9, [])

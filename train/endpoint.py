@@ -1,16 +1,17 @@
 """Training responses written by a running OpenAI-compatible server (vLLM, TGI, SGLang).
 
 ``dspec data generate --endpoint URL`` uses ``EndpointGenerator`` in place of the local target's
-plain decoding; the local target still scores each finished sequence (`deepspec_plugin.train.data`). So a server
-must serve the SAME target: the stored ids have to be the target tokenizer's, and the responses
-the target's own.
+plain decoding; the local target still scores each finished sequence
+(`deepspec_plugin.train.data`). So a server must serve the SAME target: the stored ids have to be
+the target tokenizer's, and the responses the target's own.
 
-Requests: ``POST {url}/v1/completions`` per context (in threads). The prompt goes as TEXT, the
-context decoded with the target's tokenizer (special tokens kept, a leading BOS dropped: servers
-add the special tokens themselves), so that any OpenAI-compatible server takes it. vLLM-like
-extras ride along (``stop_token_ids``, ``return_token_ids``, ``skip_special_tokens: false``,
-``spaces_between_special_tokens: false``); a server that rejects unknown fields (4xx) is asked
-once more without them, and not sent them again.
+Requests: ``POST {url}/v1/completions`` per context (in threads, through
+``deepspec_plugin.openai_http``: the bench's timeouts and one-line errors). The prompt goes as
+TEXT, the context decoded with the target's tokenizer (special tokens kept, a leading BOS dropped:
+servers add the special tokens themselves), so that any OpenAI-compatible server takes it.
+vLLM-like extras ride along (``stop_token_ids``, ``return_token_ids``,
+``skip_special_tokens: false``, ``spaces_between_special_tokens: false``); a server that rejects
+unknown fields (4xx) is asked once more without them, and not sent them again.
 
 Back to token ids, with checks (counts in ``stats``):
 
@@ -47,14 +48,13 @@ the first stop id.
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
-from deepspec_plugin.bench.engines.endpoint import CONNECT_TIMEOUT_S, _server_message
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.openai_http import Client
 
 MIN_CHECKED = 20  # responses checked before the disagreement share can raise
 MAX_DISAGREEMENT = 0.01  # share of disagreeing responses tolerated
@@ -86,8 +86,6 @@ class EndpointGenerator(Engine):
 
     def __init__(self, url: str, tokenizer, *, model: str | None = None, timeout: float = 600.0,
                  max_concurrency: int | None = None):
-        import requests
-
         if max_concurrency is not None and max_concurrency < 1:
             raise DspecError(f"max_concurrency is {max_concurrency}", "use 1 or more")
         self.url = url.rstrip("/")
@@ -100,34 +98,17 @@ class EndpointGenerator(Engine):
                       "disagreements": 0}
         self._send_extras = True  # until a server rejects them
         self._warned_context = False
-        self._session = requests.Session()
-        self._local = threading.local()  # one session per request thread
+        self._http = Client(timeout=timeout)
         self.model = self._served_model(model)
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _request(self, method: str, url: str, session=None, **kwargs):
-        import requests
-
-        try:
-            return (session or self._session).request(
-                method, url, timeout=(CONNECT_TIMEOUT_S, self.timeout), **kwargs)
-        except requests.ConnectionError as exc:
-            raise DspecError(f"no server at {url} ({type(exc).__name__})",
-                             "start it or check --endpoint") from None
-        except requests.Timeout:
-            raise DspecError(f"{url} did not answer within {self.timeout:.0f} s",
-                             "raise the timeout or check the server") from None
-
     def _served_model(self, model: str | None) -> str | None:
         url = f"{self.url}/v1/models"
-        response = self._request("GET", url)
-        if response.status_code == 404:  # older TGI: no model list; requests work without one
+        response = self._http.get(url)
+        if response.status == 404:  # older TGI: no model list; requests work without one
             return model
-        if response.status_code != 200:
-            raise DspecError(f"{url} answered HTTP {response.status_code}: "
-                             f"{_server_message(response)}",
-                             "check --endpoint (the base URL of an OpenAI-compatible server)")
+        response.check("check --endpoint (the base URL of an OpenAI-compatible server)")
         try:
             cards = [c for c in response.json().get("data", []) if isinstance(c, dict)]
         except (ValueError, AttributeError):
@@ -153,26 +134,18 @@ class EndpointGenerator(Engine):
                          "serve only the target there")
 
     def _post(self, body: dict) -> dict:
-        import requests
-
         url = f"{self.url}/v1/completions"
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        response = self._request("POST", url, session, json=body)
+        response = self._http.post_json(url, body)
         extras = [k for k in body if k not in STANDARD_FIELDS]
-        if 400 <= response.status_code < 500 and extras:
+        if 400 <= response.status < 500 and extras:
             # Some servers refuse fields they do not know: ask once more with the standard ones.
-            retry = self._request("POST", url, session,
-                                  json={k: v for k, v in body.items() if k in STANDARD_FIELDS})
-            if retry.status_code == 200:
+            retry = self._http.post_json(
+                url, {k: v for k, v in body.items() if k in STANDARD_FIELDS})
+            if retry.status == 200:
                 self._send_extras = False
             response = retry
-        if response.status_code != 200:
-            raise DspecError(
-                f"{url} answered HTTP {response.status_code}: {_server_message(response)}",
-                "check that the server serves the target, and that its context length holds "
-                "the prompts plus --max-new-tokens")
+        response.check("check that the server serves the target, and that its context length "
+                       "holds the prompts plus --max-new-tokens")
         try:
             choice = response.json()["choices"][0]
             text = choice["text"]
@@ -294,6 +267,3 @@ class EndpointGenerator(Engine):
     def describe(self) -> dict:
         return {"engine": self.name, "url": self.url, "model": self.model,
                 "flavor": self.flavor, "stats": dict(self.stats)}
-
-    def close(self) -> None:
-        self._session.close()

@@ -34,7 +34,8 @@ What TGI records (read in huggingface/text-generation-inference at commit db931f
 
 The mapping onto ``observe(engine="0", ...)``, from the increase between two scrapes:
 
-* drafts = increase of decode request-steps, ``skipped_count - next_size_sum`` (kept
+* drafts = increase of decode request-steps, ``skipped_count - next_size_sum``
+  (``metrics.tgi_decode_steps``, the formula of the bench's endpoint engine too; kept
   non-decreasing: a prefill batch is counted in ``next_size`` just before its steps appear);
 * draft_tokens = drafts x N;  accepted = increase of ``skipped_sum``;
 * per_position = () (TGI has no per-position data: those gauges stay absent);
@@ -53,29 +54,29 @@ distort the windows). A counter lower than at the previous scrape means TGI rest
 values count from 0. An unreachable TGI, a malformed page or missing metrics are counted in
 ``deepspec_plugin_errors_total{kind="source"}`` and the sidecar keeps scraping; an idle TGI that
 has not generated yet (its histograms appear at the first observation) is not an error. Label sets
-on TGI's series are summed.
+on TGI's series are summed. TGI's page is read by ``deepspec_plugin.bench.promparse`` and fetched
+by ``deepspec_plugin.openai_http``, as in the bench's endpoint engine.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from deepspec_plugin import metrics
+from deepspec_plugin.bench import promparse
+from deepspec_plugin.bench.promparse import TGI_SKIPPED, TgiTotals
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import manifest_path, read_manifest
 from deepspec_plugin.metrics import SpecCounts
+from deepspec_plugin.openai_http import Client
 from deepspec_plugin.serving.exposition import TelemetryCollector
 from deepspec_plugin.serving.telemetry import DraftInfo, DriftSettings, SpecTelemetry
 from deepspec_plugin.serving.windows import DEFAULT_SPANS
@@ -83,86 +84,28 @@ from deepspec_plugin.serving.windows import DEFAULT_SPANS
 log = logging.getLogger("deepspec_plugin.serving")
 
 ENGINE = "0"
-SKIPPED = "tgi_request_skipped_tokens"
-NEXT_SIZE = "tgi_batch_next_size"
-GENERATED = "tgi_request_generated_tokens"
-INFERENCE_COUNT = "tgi_batch_inference_count"
-REQUEST_COUNT = "tgi_request_count"
 TGI_METHODS = ("medusa", "mlp_speculator")  # what TGI can serve as a trained draft
-
-
-@dataclass
-class TgiTotals:
-    """Cumulative values of one scrape of TGI's /metrics, summed over label sets; None: absent."""
-
-    request_steps: int | None = None  # tgi_request_skipped_tokens_count
-    accepted: int | None = None  # tgi_request_skipped_tokens_sum
-    prefills: int | None = None  # tgi_batch_next_size_sum: requests sent to prefill
-    generated_tokens: int | None = None  # tgi_request_generated_tokens_sum
-    prefill_calls: int | None = None  # tgi_batch_inference_count{method="prefill"}
-    requests: int | None = None  # tgi_request_count (arrivals)
-    tgi_families: int = 0  # how many tgi_* metric families the page had
-
-    @property
-    def is_tgi(self) -> bool:
-        return self.tgi_families > 0
-
-    @property
-    def has_speculation(self) -> bool:
-        return self.request_steps is not None and self.accepted is not None
-
-    @property
-    def served(self) -> bool:
-        """True once TGI has run a prefill (then ``tgi_request_skipped_tokens`` must exist)."""
-        return any(v for v in (self.prefills, self.prefill_calls, self.generated_tokens))
-
-    @property
-    def decode_steps(self) -> int:
-        """Request-steps minus prefills: the steps that drafted (all of them if prefills are not
-        exposed)."""
-        return max(0, (self.request_steps or 0) - (self.prefills or 0))
+METRICS_URL_FIX = "point --metrics-url at TGI's /metrics, e.g. http://HOST:8080/metrics"
 
 
 def parse_tgi_metrics(text: str) -> TgiTotals:
     """The values the sidecar needs from TGI's Prometheus text (either exporter form)."""
-    totals = TgiTotals()
-    wanted = {f"{SKIPPED}_count": "request_steps", f"{SKIPPED}_sum": "accepted",
-              f"{NEXT_SIZE}_sum": "prefills", f"{GENERATED}_sum": "generated_tokens",
-              REQUEST_COUNT: "requests", f"{REQUEST_COUNT}_total": "requests"}
-    sums: dict[str, float] = {}
     try:
-        for family in text_string_to_metric_families(text):
-            if family.name.startswith("tgi_"):
-                totals.tgi_families += 1
-            for s in family.samples:
-                attr = wanted.get(s.name)
-                if attr is None and s.name in (INFERENCE_COUNT, f"{INFERENCE_COUNT}_total") \
-                        and s.labels.get("method") == "prefill":
-                    attr = "prefill_calls"
-                if attr is not None:
-                    sums[attr] = sums.get(attr, 0.0) + s.value
+        samples = promparse.parse_samples(text)
     except ValueError as e:
         raise DspecError(f"the metrics page is not Prometheus text ({e})",
-                         "point --metrics-url at TGI's /metrics, e.g. http://HOST:8080/metrics"
-                         ) from None
-    for attr, value in sums.items():
-        setattr(totals, attr, int(round(value)))
-    return totals
+                         METRICS_URL_FIX) from None
+    return promparse.tgi_totals(samples)
+
+
+def _tgi(timeout: float) -> Client:
+    return Client(timeout=timeout, name="TGI",
+                  fix="start TGI or fix --metrics-url (e.g. http://127.0.0.1:8080/metrics)")
 
 
 def fetch_text(url: str, timeout: float = 5.0) -> str:
     """GET ``url`` as text; DspecError when it cannot be read."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read().decode("utf-8", errors="replace")
-    except urllib.error.HTTPError as e:
-        raise DspecError(f"{url} answered HTTP {e.code}",
-                         "point --metrics-url at TGI's /metrics") from None
-    except (OSError, ValueError) as e:  # URLError, refused, timeout; ValueError: a bad URL
-        reason = getattr(e, "reason", e)
-        raise DspecError(f"cannot reach TGI at {url} ({reason})",
-                         "start TGI or fix --metrics-url (e.g. http://127.0.0.1:8080/metrics)"
-                         ) from None
+    return _tgi(timeout).get_text(url, METRICS_URL_FIX)
 
 
 def tgi_model_id(metrics_url: str, timeout: float = 5.0) -> str | None:
@@ -170,7 +113,8 @@ def tgi_model_id(metrics_url: str, timeout: float = 5.0) -> str | None:
     parts = urllib.parse.urlsplit(metrics_url)
     info_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/info", "", ""))
     try:
-        model_id = json.loads(fetch_text(info_url, timeout)).get("model_id")
+        response = _tgi(timeout).get(info_url)
+        model_id = response.json().get("model_id") if response.status == 200 else None
     except (DspecError, ValueError, AttributeError):
         return None
     return str(model_id) if model_id else None
@@ -238,19 +182,10 @@ def _warn_about(info: DraftInfo, m, speculate: int) -> None:
                     m.method, ", ".join(TGI_METHODS))
 
 
-@dataclass
-class _Seen:
-    """Cumulative values at the last scrape, since TGI's last (re)start."""
-
-    request_steps: int = 0
-    accepted: int = 0
-    prefills: int = 0
-    generated: int = 0
-    decode_fed: int = 0  # decode steps already observed (never decreases between restarts)
-
-    def dropped_below(self, other: _Seen) -> bool:
-        return (self.request_steps < other.request_steps or self.accepted < other.accepted
-                or self.prefills < other.prefills or self.generated < other.generated)
+def _cumulative(t: TgiTotals) -> tuple[int, int, int, int]:
+    """(request-steps, accepted, prefills, generated tokens): the counters that only grow while
+    TGI runs (absent: 0, as on an idle TGI)."""
+    return (t.request_steps or 0, t.accepted or 0, t.prefills or 0, t.generated_tokens or 0)
 
 
 @dataclass
@@ -277,7 +212,8 @@ class TgiSidecar:
         self.last_totals: TgiTotals | None = None
         self.host: str | None = None
         self.port: int | None = None
-        self._seen: _Seen | None = None
+        self._seen: tuple[int, int, int, int] | None = None  # _cumulative at the last scrape
+        self._decode_fed = 0  # decode steps already observed (never decreases between restarts)
         self._carry = 0  # accepted tokens waiting for their steps (a prefill counted early)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -307,38 +243,33 @@ class TgiSidecar:
                                     "/metrics?")
             return None
         if not totals.has_speculation and totals.served:
-            t.count_error("source", f"{self.metrics_url} lacks {SKIPPED} although TGI has "
+            t.count_error("source", f"{self.metrics_url} lacks {TGI_SKIPPED} although TGI has "
                                     "served requests; is this a TGI backend that records it?")
             return None
         self.last_totals = totals
         # An idle TGI (or one just restarted) has no histograms yet: all zeros.
-        cur = _Seen(totals.request_steps or 0, totals.accepted or 0, totals.prefills or 0,
-                    totals.generated_tokens or 0)
-        decode = totals.decode_steps
+        cur, decode = _cumulative(totals), totals.decode_steps
         if self._seen is None:  # the starting point: TGI's history before it is not counted
-            cur.decode_fed = decode
-            self._seen = cur
+            self._seen, self._decode_fed = cur, decode
             return Fed()
-        restarted = cur.dropped_below(self._seen)
-        base = _Seen() if restarted else self._seen
+        restarted = any(now < before for now, before in zip(cur, self._seen))
+        base, decode_fed = ((0, 0, 0, 0), 0) if restarted else (self._seen, self._decode_fed)
         if restarted:
             self._carry = 0
             log.info("deepspec: TGI's counters went down: TGI restarted; counting from 0")
         n = self.speculate
-        drafts = max(0, decode - base.decode_fed)
-        cur.decode_fed = max(base.decode_fed, decode)
-        accepted_new = cur.accepted - base.accepted
-        if accepted_new > (cur.request_steps - base.request_steps) * n:
+        drafts = max(0, decode - decode_fed)
+        steps_new, accepted_new, _, generated = (now - before for now, before in zip(cur, base))
+        if accepted_new > steps_new * n:
             # More accepted tokens than N per step, prefills included, can only mean a wrong N.
             t.count_error("config", f"TGI accepted {accepted_new} draft tokens in "
-                                    f"{cur.request_steps - base.request_steps} request-steps: "
+                                    f"{steps_new} request-steps: "
                                     f"more than --speculate {n} per step; pass TGI's --speculate")
             self._carry = 0
         pending = accepted_new + self._carry
         accepted = min(pending, drafts * n)
         self._carry = pending - accepted
-        generated = cur.generated - base.generated
-        self._seen = cur
+        self._seen, self._decode_fed = cur, max(decode_fed, decode)
         self._observe(drafts, accepted, generated)
         return Fed(drafts, drafts * n, accepted, generated, restarted)
 
@@ -479,19 +410,18 @@ def read_tgi_once(metrics_url: str, speculate: int, manifest: str | Path | None 
     m = read_manifest(manifest) if manifest is not None else None
     totals = parse_tgi_metrics(fetch_text(metrics_url, timeout))
     if not totals.is_tgi:
-        raise DspecError(f"{metrics_url} has no tgi_* metrics",
-                         "point --metrics-url at TGI's /metrics, e.g. http://HOST:8080/metrics")
+        raise DspecError(f"{metrics_url} has no tgi_* metrics", METRICS_URL_FIX)
     if not totals.has_speculation:
         raise DspecError(
-            f"{metrics_url} has no {SKIPPED}"
+            f"{metrics_url} has no {TGI_SKIPPED}"
             + (" although TGI has served requests" if totals.served else " yet"),
             "send TGI a request first (the metric appears with the first generated token); "
             "check that TGI runs with --speculate")
-    decode = totals.decode_steps
-    counts = SpecCounts(decode, decode * speculate, totals.accepted or 0)
+    counts = totals.counts(speculate)
     if counts.num_accepted_tokens > counts.num_draft_tokens:
-        raise DspecError(f"TGI accepted {counts.num_accepted_tokens} draft tokens in {decode} "
-                         f"decode steps: more than --speculate {speculate} per step",
+        raise DspecError(f"TGI accepted {counts.num_accepted_tokens} draft tokens in "
+                         f"{counts.num_drafts} decode steps: more than --speculate {speculate} "
+                         "per step",
                          "pass the --speculate TGI was started with")
     baseline = m.baseline.acceptance_rate if m is not None and m.baseline is not None else None
     return TgiReading(metrics_url, speculate, totals, counts, metrics.acceptance_rate(counts),

@@ -158,16 +158,10 @@ class Windows:
         if not self.windows:
             raise DspecError("no window spans given", "give at least one span, e.g. (60, 300)")
 
-    def add(
-        self,
-        now: float,
-        drafts: int,
-        draft_tokens: int,
-        accepted: int,
-        per_position: Sequence[int] = (),
-    ) -> None:
+    def add(self, now: float, *counts, **named) -> None:
+        """``SlidingWindow.add(now, ...)`` on every window, with the same arguments."""
         for w in self.windows.values():
-            w.add(now, drafts, draft_tokens, accepted, per_position)
+            w.add(now, *counts, **named)
 
     def __getitem__(self, span: float) -> SlidingWindow:
         return self.windows[float(span)]

@@ -13,12 +13,15 @@ sets of other models are left out. vLLM creates the per-position counters for po
 at start-up, so k is read from them.
 
 TGI (prompt as text, decoded with the target's tokenizer; TGI adds the special tokens itself, so a
-leading BOS is dropped; new ids are the returned text re-encoded): ``tgi_request_skipped_tokens``
-records, per request and generation step, the tokens speculation added; its ``_sum`` is the
-accepted draft tokens and its ``_count`` the request-steps, where each request's prefill step
-records 0. So drafts = count delta - requests, draft tokens = drafts x N, where N is TGI's
-``--speculate`` (TGI does not expose it: pass ``speculate``); no per-position data. A TGI server
-started without speculation records zeros in the same metric: its acceptance then reads 0.
+leading BOS is dropped; new ids are the returned text re-encoded): the deltas of
+``tgi_request_skipped_tokens`` (``_sum``: accepted draft tokens; ``_count``: request-steps,
+prefills included) and ``tgi_batch_next_size_sum`` (requests prefilled) become counts by
+``metrics.tgi_spec_counts``, as in the TGI sidecar: drafts = request-steps - prefills, draft
+tokens = drafts x N, where N is TGI's ``--speculate`` (TGI does not expose it: pass
+``speculate``); no per-position data. A TGI server started without speculation records zeros in
+the same metric: its acceptance then reads 0.
+
+HTTP goes through ``deepspec_plugin.openai_http`` (timeouts, one-line errors).
 
 The server cannot decode without its draft, so there is no baseline (``supports_baseline`` is
 False) and counts exist only per batch (``per_request_counts`` is False).
@@ -26,39 +29,23 @@ False) and counts exist only per batch (``per_request_counts`` is False).
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from deepspec_plugin import metrics
 from deepspec_plugin.bench import promparse
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
+from deepspec_plugin.openai_http import Client
 
 FLAVORS = ("auto", "vllm", "tgi")
-CONNECT_TIMEOUT_S = 5.0
+VERSION_TIMEOUT_S = 10.0
 
 VLLM_DRAFTS = "vllm:spec_decode_num_drafts_total"
 VLLM_DRAFT_TOKENS = "vllm:spec_decode_num_draft_tokens_total"
 VLLM_ACCEPTED = "vllm:spec_decode_num_accepted_tokens_total"
 VLLM_PER_POS = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
-TGI_SKIPPED_SUM = "tgi_request_skipped_tokens_sum"
-TGI_SKIPPED_COUNT = "tgi_request_skipped_tokens_count"
-
-
-def _server_message(response) -> str:
-    """The error text a server put in its body (vLLM: error.message; TGI: error)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text.strip()[:300] or response.reason
-    if isinstance(body, dict):
-        err = body.get("error", body.get("message", body.get("detail")))
-        if isinstance(err, dict):
-            err = err.get("message", err)
-        if err:
-            return str(err)[:300]
-    return str(body)[:300]
 
 
 class EndpointEngine(Engine):
@@ -80,8 +67,6 @@ class EndpointEngine(Engine):
         tokenizer=None,
         max_concurrency: int | None = None,
     ):
-        import requests
-
         if flavor not in FLAVORS:
             raise DspecError(
                 f"unknown server flavor {flavor!r}", f"use one of {', '.join(FLAVORS)}"
@@ -95,8 +80,7 @@ class EndpointEngine(Engine):
         self.timeout = timeout
         self.tokenizer = tokenizer
         self.max_concurrency = max_concurrency
-        self._session = requests.Session()
-        self._local = threading.local()  # one session per request thread
+        self._http = Client(timeout=timeout)
 
         samples = self._scrape()
         self.flavor = self._detect_flavor(samples) if flavor == "auto" else flavor
@@ -119,25 +103,11 @@ class EndpointEngine(Engine):
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _get(self, url: str):
-        import requests
-
-        try:
-            return self._session.get(url, timeout=(CONNECT_TIMEOUT_S, self.timeout))
-        except requests.ConnectionError as exc:
-            raise DspecError(
-                f"no server at {url} ({type(exc).__name__})", "start it or check --endpoint"
-            ) from None
-        except requests.Timeout:
-            raise DspecError(
-                f"{url} did not answer within {self.timeout:.0f} s", "check the server"
-            ) from None
-
     def _scrape(self) -> list[promparse.Sample]:
-        response = self._get(self.metrics_url)
-        if response.status_code != 200:
+        response = self._http.get(self.metrics_url)
+        if response.status != 200:
             raise DspecError(
-                f"{self.metrics_url} answered HTTP {response.status_code}: "
+                f"{self.metrics_url} answered HTTP {response.status}: "
                 "the server exposes no Prometheus metrics there",
                 "point --metrics-url at the server's metrics (vLLM and TGI serve /metrics)",
             )
@@ -170,8 +140,8 @@ class EndpointEngine(Engine):
         names = promparse.label_values(samples, VLLM_DRAFTS, "model_name")
         if len(names) == 1:
             return next(iter(names))
-        response = self._get(f"{self.url}/v1/models")
-        if response.status_code == 200:
+        response = self._http.get(f"{self.url}/v1/models")
+        if response.status == 200:
             models = [m.get("id") for m in response.json().get("data", [])]
             if len(models) == 1:
                 return models[0]
@@ -222,17 +192,11 @@ class EndpointEngine(Engine):
             value(VLLM_DRAFTS), value(VLLM_DRAFT_TOKENS), value(VLLM_ACCEPTED), positions
         )
 
-    def _tgi_counters(self, samples) -> tuple[float, float]:
-        return (
-            promparse.total(samples, TGI_SKIPPED_SUM) or 0.0,
-            promparse.total(samples, TGI_SKIPPED_COUNT) or 0.0,
-        )
-
-    def _read(self):
+    def _read(self) -> SpecCounts | promparse.TgiTotals:
         samples = self._scrape()
-        return (
-            self._vllm_counters(samples) if self.flavor == "vllm" else self._tgi_counters(samples)
-        )
+        if self.flavor == "vllm":
+            return self._vllm_counters(samples)
+        return promparse.tgi_totals(samples)
 
     def _read_settled(self, tries: int = 40, pause_s: float = 0.05):
         """Counters after the batch: a server may record a step's stats just after it answers."""
@@ -248,21 +212,21 @@ class EndpointEngine(Engine):
     def _delta(self, before, after, num_requests: int) -> SpecCounts:
         if self.flavor == "vllm":
             return after.since(before)
-        accepted = round(after[0] - before[0])
-        steps = round(after[1] - before[1])
+        steps = (after.request_steps or 0) - (before.request_steps or 0)
         if steps == 0:
             raise DspecError(
                 f"TGI at {self.url} recorded no tgi_request_skipped_tokens "
                 f"for {num_requests} requests",
                 "check --metrics-url, and that the server was started with --speculate",
             )
-        drafts = steps - num_requests
-        if drafts < 0:
+        if steps < num_requests:  # each request records at least its prefill step
             raise DspecError(
                 f"TGI recorded {steps} request-steps for {num_requests} requests",
                 "measure on a TGI server that serves only this run",
             )
-        return SpecCounts(drafts, drafts * self.fixed_k, accepted, [])
+        accepted = (after.accepted or 0) - (before.accepted or 0)
+        prefills = None if after.prefills is None else after.prefills - (before.prefills or 0)
+        return metrics.tgi_spec_counts(steps, accepted, prefills, self.fixed_k)
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -275,8 +239,6 @@ class EndpointEngine(Engine):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def _complete(self, ids: list[int], cfg: GenerationConfig) -> list[int]:
-        import requests
-
         body = {
             "prompt": self._prompt(ids),
             "max_tokens": cfg.max_new_tokens,
@@ -291,25 +253,9 @@ class EndpointEngine(Engine):
                 stop_token_ids=list(cfg.stop_token_ids), ignore_eos=True, return_token_ids=True
             )
         url = f"{self.url}/v1/completions"
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = requests.Session()
-        try:
-            response = session.post(url, json=body, timeout=(CONNECT_TIMEOUT_S, self.timeout))
-        except requests.ConnectionError as exc:
-            raise DspecError(
-                f"no server at {url} ({type(exc).__name__})", "start it or check --endpoint"
-            ) from None
-        except requests.Timeout:
-            raise DspecError(
-                f"{url} did not answer within {self.timeout:.0f} s",
-                "raise the timeout or check the server",
-            ) from None
-        if response.status_code != 200:
-            raise DspecError(
-                f"{url} answered HTTP {response.status_code}: {_server_message(response)}",
-                "check the model name and the lengths against the server's configuration",
-            )
+        response = self._http.post_json(url, body).check(
+            "check the model name and the lengths against the server's configuration"
+        )
         choice = response.json()["choices"][0]
         if choice.get("token_ids") is not None:
             return [int(t) for t in choice["token_ids"]]
@@ -356,12 +302,9 @@ class EndpointEngine(Engine):
         }
         path = "/version" if self.flavor == "vllm" else "/info"
         try:
-            response = self._session.get(f"{self.url}{path}", timeout=(CONNECT_TIMEOUT_S, 10))
-            if response.status_code == 200:
+            response = Client(timeout=VERSION_TIMEOUT_S).get(f"{self.url}{path}")
+            if response.status == 200:
                 info["server_version"] = response.json().get("version")
         except Exception:  # the version is a courtesy; the run does not depend on it
             pass
         return info
-
-    def close(self) -> None:
-        self._session.close()

@@ -61,7 +61,7 @@ class SpecCounts:
         self.num_drafts += other.num_drafts
         self.num_draft_tokens += other.num_draft_tokens
         self.num_accepted_tokens += other.num_accepted_tokens
-        _add_positions(self.accepted_per_position, other.accepted_per_position)
+        add_positions(self.accepted_per_position, other.accepted_per_position)
 
     def record_draft(self, num_proposed: int, num_accepted: int) -> None:
         """Count one draft of ``num_proposed`` tokens whose first ``num_accepted`` were accepted."""
@@ -71,7 +71,7 @@ class SpecCounts:
         self.num_draft_tokens += num_proposed
         self.num_accepted_tokens += num_accepted
         # One entry per proposed position, as vLLM's counters have one per position 0..k-1.
-        _add_positions(
+        add_positions(
             self.accepted_per_position, [1] * num_accepted + [0] * (num_proposed - num_accepted)
         )
 
@@ -112,7 +112,8 @@ class SpecCounts:
         return out
 
 
-def _add_positions(into: list[int], other: Sequence[int]) -> None:
+def add_positions(into: list[int], other: Sequence[int]) -> None:
+    """Add per-position counts into ``into`` in place, growing it to the longer length."""
     if len(other) > len(into):
         into.extend([0] * (len(other) - len(into)))
     for i, v in enumerate(other):

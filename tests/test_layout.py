@@ -109,15 +109,47 @@ def test_no_generic_top_level_imports():
     assert not bare, "\n".join(bare)
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _module_aliases(path: Path, module: str) -> dict[str, str]:
+    """Local names bound to a project module: ``from deepspec_plugin import metrics``,
+    ``import deepspec_plugin.models as m``, ``from ...exporters import safetensors_io as st``."""
+    aliases = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("deepspec_plugin") and a.asname:
+                    aliases[a.asname] = a.name
+    for imported, names, _ in _imports(path, module):
+        for n in names:
+            if f"{imported}.{n}" in MODULES:
+                aliases[n] = f"{imported}.{n}"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                if a.asname and a.name in aliases:
+                    aliases[a.asname] = aliases.pop(a.name)
+    return aliases
+
+
 def test_no_private_names_across_packages():
     crossing = []
     for module, path in MODULES.items():
+        where = path.relative_to(ROOT)
         for imported, names, line in _imports(path, module):
             if not imported.startswith("deepspec_plugin") or _package(imported) == _package(module):
                 continue
-            private = [n for n in names if n.startswith("_") and n != "__version__"]
+            private = [n for n in names if _private(n)]
             if private:
-                crossing.append(f"{path.relative_to(ROOT)}:{line} takes {private} from {imported}")
+                crossing.append(f"{where}:{line} takes {private} from {imported}")
+        aliases = _module_aliases(path, module)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in aliases and _private(node.attr)
+                    and _package(aliases[node.value.id]) != _package(module)):
+                crossing.append(f"{where}:{node.lineno} uses {node.value.id}.{node.attr}")
     assert not crossing, "\n".join(crossing)
 
 

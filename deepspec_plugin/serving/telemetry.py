@@ -175,7 +175,7 @@ class _Engine:
             t.num_drafts += self.drafts
             t.num_draft_tokens += self.draft_tokens
             t.num_accepted_tokens += self.accepted
-            metrics._add_positions(t.accepted_per_position, self.per_position)
+            metrics.add_positions(t.accepted_per_position, self.per_position)
             self.drafts = self.draft_tokens = self.accepted = 0
             self.per_position = [0] * len(self.per_position)
         self.generation_tokens += self.pending_generation

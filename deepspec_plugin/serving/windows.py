@@ -114,8 +114,8 @@ class SlidingWindow:
         t.num_draft_tokens += draft_tokens
         t.num_accepted_tokens += accepted
         if per_position:
-            _add_into(self._positions[slot], per_position)
-            _add_into(t.accepted_per_position, per_position)
+            metrics.add_positions(self._positions[slot], per_position)
+            metrics.add_positions(t.accepted_per_position, per_position)
 
     def totals(self, now: float) -> SpecCounts:
         """A copy of the counts in the window ending at ``now`` (no per-position entries when the
@@ -142,12 +142,6 @@ class SlidingWindow:
         c = self.totals(now)
         return metrics.position_acceptance(c) if c.num_drafts else None
 
-
-def _add_into(into: list[int], values: Sequence[int]) -> None:
-    if len(values) > len(into):
-        into.extend([0] * (len(values) - len(into)))
-    for i, v in enumerate(values):
-        into[i] += v
 
 
 class Windows:

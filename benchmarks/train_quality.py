@@ -12,11 +12,11 @@ T = 0.7; acceptance, tau, measured speedup against plain decoding in the same ru
 * ``tvd-lora16``: LoRA rank 16 on every projection (the usual larger LoRA learning rate);
 * ``tvd-full-dist``: ``tvd`` against the target's full distributions, run online, instead of the
   stored top-32: what the compact signal costs;
-* ``*-t0.7``: the loss at temperature 0.7, for a draft that will serve at 0.7 (the training
-  issue's "at the temperature the draft will serve at").
+* ``*-t0.7``: the loss at temperature 0.7, for a draft that will serve at 0.7 (trained "at the
+  temperature the draft will serve at").
 
 Resumable: a finished arm (its report) is skipped on a rerun. Prints the table and the ratios
-the training issue asks for, and writes ``results.json`` / ``results.md`` into ``--out``.
+against the untrained draft, and writes ``results.json`` / ``results.md`` into ``--out``.
 
     .venv/bin/python benchmarks/train_quality.py --out /tmp/train-quality [--steps 80]
 """
@@ -45,17 +45,18 @@ ARMS = {
 }
 
 
-def pooled(report: dict) -> dict[str, dict]:
-    """The 'overall' entry per temperature: alpha, acceptance rate, tau, speedups."""
+def pooled(report) -> dict[str, dict]:
+    """The 'overall' entry per temperature of an EvalReport: alpha, acceptance rate, tau,
+    speedups."""
     out = {}
-    for e in report["overall"]:
-        out[f"T={e['temperature']:g}"] = {
-            "acceptance_rate": e["acceptance_rate"],
-            "alpha": e["alpha"],
-            "tau": e["acceptance_length"],
-            "tau_ci95": e.get("ci95", {}).get("acceptance_length"),
-            "speedup": e["speedup"],
-            "predicted_speedup": e["predicted_speedup"],
+    for e in report.overall:
+        out[f"T={e.temperature:g}"] = {
+            "acceptance_rate": e.acceptance_rate,
+            "alpha": e.alpha,
+            "tau": e.acceptance_length,
+            "tau_ci95": e.interval("acceptance_length"),
+            "speedup": e.speedup,
+            "predicted_speedup": e.predicted_speedup,
         }
     return out
 

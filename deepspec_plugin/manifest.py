@@ -31,20 +31,20 @@ Example::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.fileio import atomic_write_json
+
+if TYPE_CHECKING:
+    from deepspec_plugin.bench.report_schema import EvalReport, ReportEntry
 
 SCHEMA = "deepspec-draft/v1"
 FILENAME = "deepspec.json"
 METHODS = ("draft_model", "eagle3", "medusa", "mlp_speculator")
 _CORE = ("schema", "target_fingerprint", "tokenizer_fingerprint", "method", "k", "baseline")
-_ENTRY_KEYS = ("acceptance_rate", "acceptance_length", "alpha", "num_drafts", "num_draft_tokens",
-               "num_accepted_tokens")
 
 
 @dataclass
@@ -153,39 +153,33 @@ def write_manifest(manifest: DraftManifest | dict[str, Any], path: str | Path) -
     if isinstance(manifest, dict):
         DraftManifest.from_dict(data, "manifest")  # validate what is written
     p = manifest_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return atomic_write_json(p, data)
 
 
-def _entry_summary(e: dict[str, Any]) -> dict[str, Any]:
-    out = {key: e[key] for key in _ENTRY_KEYS if key in e}
-    out["per_position"] = list(e.get("position_acceptance") or [])
-    return out
+def _entry_summary(e: ReportEntry) -> dict[str, Any]:
+    return {
+        "acceptance_rate": e.acceptance_rate, "acceptance_length": e.acceptance_length,
+        "alpha": e.alpha, "num_drafts": e.counts.num_drafts,
+        "num_draft_tokens": e.counts.num_draft_tokens,
+        "num_accepted_tokens": e.counts.num_accepted_tokens,
+        "per_position": list(e.position_acceptance),
+    }
 
 
-def baseline_from_report(report: dict[str, Any], k: int | None = None,
+def baseline_from_report(report: EvalReport, k: int | None = None,
                          temperature: float | None = None, batch_size: int | None = None,
                          where: str = "the report") -> Baseline:
-    """The baseline at (k, temperature, batch size) from an eval report (``report.json``).
+    """The baseline at (k, temperature, batch size) from an eval report (``report.json``, read
+    by :func:`deepspec_plugin.bench.report_schema.load_report`).
 
     Defaults: the report's only k (else ``k`` is required), its lowest temperature (greedy where
     measured) and smallest batch size. Pooled numbers come from the report's ``overall`` entry,
     per-category ones from its per-category entries.
     """
-    entries = [*report.get("results", []), *report.get("overall", [])]
-    if not entries or not report.get("overall"):
+    entries = report.entries()
+    if not entries or not report.overall:
         raise DspecError(f"{where} has no results", "pass the report.json of a finished dspec eval")
-    ks = sorted({e["k"] for e in entries})
+    ks = sorted({e.k for e in entries})
     if k is None:
         if len(ks) > 1:
             raise DspecError(f"{where} measured k = {ks}; which one is served is ambiguous",
@@ -194,37 +188,33 @@ def baseline_from_report(report: dict[str, Any], k: int | None = None,
     if k not in ks:
         raise DspecError(f"{where} has no results at k = {k} (it measured k = {ks})",
                          "evaluate at the k you export, or export with a measured k")
-    temps = sorted({float(e["temperature"]) for e in entries if e["k"] == k})
+    temps = sorted({float(e.temperature) for e in entries if e.k == k})
     temperature = temps[0] if temperature is None else float(temperature)
     if temperature not in temps:
         raise DspecError(f"{where} has no results at temperature {temperature:g} (it has "
                          f"{', '.join(f'{t:g}' for t in temps)})", "pick a measured temperature")
-    sizes = sorted({e["batch_size"] for e in entries
-                    if e["k"] == k and float(e["temperature"]) == temperature})
+    sizes = sorted({e.batch_size for e in entries
+                    if e.k == k and float(e.temperature) == temperature})
     batch_size = sizes[0] if batch_size is None else batch_size
 
-    def chosen(e):
-        return (e["k"] == k and float(e["temperature"]) == temperature
-                and e["batch_size"] == batch_size)
-
-    overall = [e for e in report["overall"] if chosen(e)]
-    if not overall:
+    o = report.entry(k=k, temperature=temperature, batch_size=batch_size)
+    if o is None:
         raise DspecError(f"{where} has no pooled entry at k = {k}, T = {temperature:g}, "
                          f"batch size {batch_size}", "pass a complete report")
-    o = overall[0]
-    models = report.get("models") or {}
+    if o.acceptance_rate is None or o.acceptance_length is None:
+        raise DspecError(f"{where} measured no draft tokens at k = {k}, T = {temperature:g}, "
+                         f"batch size {batch_size}", "evaluate with more prompts or new tokens")
     return Baseline(
         k=int(k), temperature=temperature,
-        acceptance_rate=float(o["acceptance_rate"]),
-        acceptance_length=float(o["acceptance_length"]),
-        per_position=[float(x) for x in o.get("position_acceptance") or []],
-        categories={e["category"]: _entry_summary(e) for e in report.get("results", [])
-                    if chosen(e)},
+        acceptance_rate=float(o.acceptance_rate),
+        acceptance_length=float(o.acceptance_length),
+        per_position=[float(x) for x in o.position_acceptance],
+        categories={e.category: _entry_summary(e) for e in report.results
+                    if e.at(k=k, temperature=temperature, batch_size=batch_size)},
         report={
-            "bench": (report.get("bench") or {}).get("name"),
-            "engine": (report.get("engine") or {}).get("name"),
-            "created": report.get("created"), "batch_size": batch_size,
-            "draft_fingerprint": (models.get("draft") or {}).get("fingerprint"),
-            "target_fingerprint": (models.get("target") or {}).get("fingerprint"),
+            "bench": report.bench_name, "engine": report.engine_name,
+            "created": report.created, "batch_size": batch_size,
+            "draft_fingerprint": report.draft_fingerprint,
+            "target_fingerprint": report.target_fingerprint,
         },
     )

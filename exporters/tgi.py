@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deepspec_plugin.bench.report_schema import load_report, report_file
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import (
     DraftManifest,
@@ -31,7 +32,12 @@ from deepspec_plugin.manifest import (
     read_manifest,
     write_manifest,
 )
-from deepspec_plugin.models import _read_json, fingerprint, tokenizer_fingerprint
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.models import (
+    config_and_weights_fingerprint,
+    fingerprint,
+    tokenizer_fingerprint,
+)
 from deepspec_plugin.exporters import heads
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
@@ -50,7 +56,6 @@ from deepspec_plugin.exporters.tgi_rules import (
 LAUNCHER_SCRIPT = "serving_configs/tgi-launcher.sh"
 ENV_FILE = "serving_configs/tgi.env"
 HELM_VALUES = "serving_configs/helm-values.yaml"
-REPORT_SCHEMA_PREFIX = "deepspec-bench/"
 
 
 def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
@@ -86,7 +91,7 @@ def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
     pickles = heads.pickle_files(draft)
     source = heads.read_medusa(draft) if fmt == heads.MEDUSA else heads.read_mlp_speculator(draft)
     # Cheap refusals first, fingerprints (which stream every byte) after.
-    tcfg = _read_json(target / "config.json")
+    tcfg = read_json(target / "config.json")
     _require_same_dims(source, fmt, tcfg, draft, target)
     plan = _medusa_plan(source) if fmt == heads.MEDUSA else _mlp_plan(source, notes)
     n_heads = source.num_heads if fmt == heads.MEDUSA else source.n_predict
@@ -186,14 +191,7 @@ def _source_fingerprint(draft: Path) -> str:
     """The draft's fingerprint; without tokenizer files, a hash of its config and weights."""
     if _has_tokenizer(draft):
         return fingerprint(draft)
-    import hashlib
-
-    from deepspec_plugin.models import _canonical, _canonical_config, _weights_digest
-
-    h = hashlib.sha256()
-    h.update(b"config\0" + _canonical(_canonical_config(draft)))
-    h.update(b"weights\0" + _weights_digest(draft).encode())
-    return "sha256:" + h.hexdigest()
+    return config_and_weights_fingerprint(draft)
 
 
 def _speculate(speculate: int | None, n_heads: int, fmt: str) -> int:
@@ -237,16 +235,9 @@ def _token_limits(tcfg: dict[str, Any], target: Path, max_input: int | None,
 
 
 def _baseline(report: str | Path, k: int, notes: list[str]):
-    path = Path(report)
-    if path.is_dir():
-        path = path / "report.json"
-    data = _read_json(path)
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith(
-            REPORT_SCHEMA_PREFIX):
-        raise DspecError(f"{path} is not a dspec eval report (schema "
-                         f"{data.get('schema') if isinstance(data, dict) else None!r})",
-                         "pass the report.json written by dspec eval")
-    baseline = baseline_from_report(data, k=k, where=str(path))
+    rep = load_report(report, require_complete=True)
+    path = report_file(report)
+    baseline = baseline_from_report(rep, k=k, where=str(path))
     notes.append(f"baseline from {path}: k {baseline.k}, temperature {baseline.temperature:g}, "
                  f"acceptance rate {baseline.acceptance_rate:.3f}")
     return baseline

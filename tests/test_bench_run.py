@@ -12,6 +12,7 @@ from deepspec_plugin.bench.engines.base import Engine
 from deepspec_plugin.bench.engines.reference import ReferenceEngine
 from deepspec_plugin.bench.prompts import format_turns
 from deepspec_plugin.bench.report import ACCEPTANCE_PNG, SPEEDUP_PNG, load_report
+from deepspec_plugin.bench.report_schema import EvalReport
 from deepspec_plugin.bench.run import describe_models, run_bench, stop_token_ids
 from deepspec_plugin.bench.spec import SCHEMA, load_bench
 from deepspec_plugin.errors import DspecError
@@ -103,6 +104,11 @@ def run(tiny, mini_bench, engine, tokenizer, tmp_path_factory):
     return report, out
 
 
+def _json(report: EvalReport) -> dict:
+    """The report as report.json holds it."""
+    return json.loads(json.dumps(report.to_dict()))
+
+
 @pytest.fixture(scope="module")
 def self_draft_run(tiny, mini_bench, tokenizer, tmp_path_factory):
     """The target as its own draft: every draft token is accepted."""
@@ -119,7 +125,7 @@ def self_draft_run(tiny, mini_bench, tokenizer, tmp_path_factory):
 
 
 def test_report_is_complete_with_every_key(run, mini_bench, tiny):
-    report, _ = run
+    report = _json(run[0])
     assert report["complete"] is True and report["interrupted"] is False
     assert report["schema"] == SCHEMA and report["bench"] == mini_bench.to_dict()
     assert report["models"]["draft"]["path"] == str(tiny.draft.resolve())
@@ -137,7 +143,7 @@ def test_report_is_complete_with_every_key(run, mini_bench, tiny):
 
 
 def test_pooled_numbers_are_the_units_and_metrics_recomputed(run):
-    report, _ = run
+    report = _json(run[0])
     for entry in report["results"] + report["overall"]:
         units = entry["units"]
         pooled = SpecCounts.total(SpecCounts.from_dict(u["counts"]) for u in units)
@@ -174,7 +180,7 @@ def test_pooled_numbers_are_the_units_and_metrics_recomputed(run):
 
 
 def test_multi_turn_units_and_shared_baselines(run):
-    report, _ = run
+    report = _json(run[0])
     for entry in report["results"]:
         turns = 2 if entry["category"] == "chat" else 1  # mt-bench has two user turns
         for u in entry["units"]:
@@ -185,7 +191,7 @@ def test_multi_turn_units_and_shared_baselines(run):
 
 def test_report_files_exist_and_load(run):
     report, out = run
-    assert load_report(out) == json.loads(json.dumps(report))
+    assert load_report(out).to_dict() == _json(report)
     md = (out / "report.md").read_text()
     assert "bench `mini`" in md and "| chat | 0 | 2 | 1 |" in md and "| overall | 0.7 |" in md
     for name in (ACCEPTANCE_PNG, SPEEDUP_PNG):
@@ -194,6 +200,13 @@ def test_report_files_exist_and_load(run):
 
         assert matplotlib.image.imread(out / name).ndim == 3
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_real_report_round_trips_byte_for_byte(run):
+    _, out = run
+    text = (out / "report.json").read_text()
+    again = EvalReport.from_dict(json.loads(text)).to_dict()
+    assert json.dumps(again, indent=1, allow_nan=False) + "\n" == text
 
 
 def test_interrupted_run_leaves_a_partial_report(tiny, mini_bench, engine, tokenizer, tmp_path):
@@ -207,7 +220,9 @@ def test_interrupted_run_leaves_a_partial_report(tiny, mini_bench, engine, token
     assert partial["complete"] is False and partial["interrupted"] is True
     assert [e["category"] for e in partial["results"]] == ["chat"]
     assert partial["overall"] == []
-    assert load_report(tmp_path)["complete"] is False
+    assert load_report(tmp_path).complete is False
+    with pytest.raises(DspecError, match="partial: the run was interrupted"):
+        load_report(tmp_path, require_complete=True)
 
 
 def test_server_like_engine_uses_its_k_and_reports_no_speedup(
@@ -216,8 +231,9 @@ def test_server_like_engine_uses_its_k_and_reports_no_speedup(
     double = DelegatingEngine(engine, supports_baseline=False, fixed_k=3)
     spec = mini_bench.with_overrides(num_prompts=1, temperatures=[0.0], max_new_tokens=4,
                                      max_turns=1)
-    report = run_bench(spec, double, tokenizer, tmp_path,
-                       models_info=describe_models(tiny.target, tiny.draft), progress=False)
+    report = _json(run_bench(spec, double, tokenizer, tmp_path,
+                             models_info=describe_models(tiny.target, tiny.draft),
+                             progress=False))
     assert report["bench"]["k"] == [3] and any("fixed k = 3" in n for n in report["notes"])
     assert all(cfg.k == 3 for cfg in double.calls)
     for e in report["results"] + report["overall"]:
@@ -236,7 +252,7 @@ def test_compare_a_run_with_itself(run):
 
 def test_compare_finds_the_better_draft(run, self_draft_run):
     report, _ = run
-    assert all(e["acceptance_rate"] > 0.95 for e in self_draft_run["results"])
+    assert all(e.acceptance_rate > 0.95 for e in self_draft_run.results)
     rows = compare_reports(report, self_draft_run)
     acc = [r for r in rows if r["metric"] == "acceptance_rate"]
     assert {r["category"] for r in acc} == {"chat", "code", "overall"}
@@ -282,9 +298,9 @@ def test_stop_tokens_join_tokenizer_and_generation_config(tiny, tokenizer):
 def test_evaluate_end_to_end(tiny, mini_bench, tmp_path):
     from deepspec_plugin.bench import evaluate
 
-    report = evaluate(tiny.target, tiny.draft, mini_bench.source, "reference", tmp_path,
-                      temperatures=[0.0], num_prompts=1, max_new_tokens=4, max_turns=1,
-                      progress=False)
+    report = _json(evaluate(tiny.target, tiny.draft, mini_bench.source, "reference", tmp_path,
+                            temperatures=[0.0], num_prompts=1, max_new_tokens=4, max_turns=1,
+                            progress=False))
     assert report["complete"] and (tmp_path / "report.md").exists()
     assert report["overrides"] == {"temperatures": [0.0], "num_prompts": 1,
                                    "max_new_tokens": 4, "max_turns": 1}

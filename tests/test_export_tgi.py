@@ -409,6 +409,31 @@ def test_baseline_from_report(tiny, sources, tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("partial, why", [
+    ({"complete": False, "interrupted": True}, "the run was interrupted"),
+    ({"complete": False, "error": "RuntimeError: boom"}, "the run failed"),
+    ({"complete": False}, "the run has not finished"),
+])
+def test_a_partial_report_is_no_baseline(tiny, sources, tmp_path, partial, why):
+    """The vLLM export refuses a partial report as its baseline; so does the TGI export."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({**_report(), **partial}))
+    with pytest.raises(DspecError, match=f"is partial: {why}"):
+        export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2, report=report)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_no_report_is_refused(tiny, sources, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({**_report(), "schema": "deepspec-bench/v2"}))
+    with pytest.raises(DspecError, match="is not a deepspec-bench/v1 report"):
+        export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2, report=report)
+    with pytest.raises(DspecError, match="does not exist"):
+        export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2,
+                   report=tmp_path / "missing.json")
+    assert not (tmp_path / "out").exists()
+
+
 def test_launcher_args_env_and_helm(tiny, sources, tmp_path):
     import yaml
 

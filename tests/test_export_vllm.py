@@ -244,6 +244,16 @@ def test_report_becomes_the_baseline(tiny, tiny_report, tmp_path):
                     load=False)
 
 
+def test_an_interrupted_report_is_no_baseline(tiny, tiny_report, tmp_path):
+    partial = {**json.loads(tiny_report.read_text()), "complete": False, "interrupted": True}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "report.json").write_text(json.dumps(partial))
+    with pytest.raises(DspecError, match="is partial: the run was interrupted"):
+        export_vllm(tiny.draft, tiny.target, tmp_path / "out", report=tmp_path / "eval",
+                    load=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_names_each_broken_rule(tiny, exported, tmp_path):
     def broken(edit) -> set[str]:
         d = tmp_path / f"broken-{len(list(tmp_path.iterdir()))}"
@@ -323,7 +333,7 @@ def test_eagle3_export_through_export_vllm(tiny, tmp_path):
     """An EAGLE-3 head in DeepSpec's layout (conversion details: test_export_eagle3.py)."""
     import yaml
 
-    from deepspec_plugin.exporters.eagle3 import build_deepspec_eagle3
+    from eagle3_builders import build_deepspec_eagle3
 
     head = build_deepspec_eagle3(tiny.target, tmp_path / "head")
     with pytest.raises(DspecError, match="draft_model"):  # its manifest says eagle3

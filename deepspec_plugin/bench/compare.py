@@ -12,37 +12,32 @@ bench, engine) are noted.
 from __future__ import annotations
 
 from deepspec_plugin.bench import stats
+from deepspec_plugin.bench.report_schema import OVERALL, EvalReport, ReportEntry
 from deepspec_plugin.errors import DspecError
 
-OVERALL = "overall"
 SHORT_NAMES = {"acceptance_rate": "acceptance", "acceptance_length": "tau", "speedup": "speedup"}
 
 
-def _entries(report: dict) -> dict[tuple, dict]:
-    return {
-        (e["category"], e["temperature"], e["k"], e["batch_size"]): e
-        for e in [*report.get("results", []), *report.get("overall", [])]
-    }
+def _entries(report: EvalReport) -> dict[tuple, ReportEntry]:
+    return {e.key: e for e in report.entries()}
 
 
-def comparison_notes(a: dict, b: dict) -> list[str]:
+def comparison_notes(a: EvalReport, b: EvalReport) -> list[str]:
     """What differs between the two runs besides the numbers."""
     notes = []
     for role in ("target", "draft"):
-        ma, mb = (a.get("models") or {}).get(role), (b.get("models") or {}).get(role)
-        fa, fb = (ma or {}).get("fingerprint"), (mb or {}).get("fingerprint")
+        ma, mb = getattr(a.models, role), getattr(b.models, role)
+        fa, fb = ma.fingerprint if ma else None, mb.fingerprint if mb else None
         if fa != fb:
-            notes.append(f"{role}s differ: A {fa or 'none'} ({(ma or {}).get('path', '-')}), "
-                         f"B {fb or 'none'} ({(mb or {}).get('path', '-')})")
-    if a.get("bench") != b.get("bench"):
-        keys = sorted(k for k in set(a.get("bench", {})) | set(b.get("bench", {}))
-                      if a.get("bench", {}).get(k) != b.get("bench", {}).get(k))
+            notes.append(f"{role}s differ: A {fa or 'none'} ({_path(ma)}), "
+                         f"B {fb or 'none'} ({_path(mb)})")
+    if a.bench != b.bench:
+        keys = sorted(k for k in set(a.bench) | set(b.bench) if a.bench.get(k) != b.bench.get(k))
         notes.append(f"benches differ in {', '.join(keys)}")
-    ea, eb = (a.get("engine") or {}).get("name"), (b.get("engine") or {}).get("name")
-    if ea != eb:
-        notes.append(f"engines differ: A {ea}, B {eb}")
+    if a.engine_name != b.engine_name:
+        notes.append(f"engines differ: A {a.engine_name}, B {b.engine_name}")
     for name, r in (("A", a), ("B", b)):
-        if not r.get("complete"):
+        if not r.complete:
             notes.append(f"report {name} is partial (complete: false)")
     only_a = sorted(set(_entries(a)) - set(_entries(b)), key=str)
     only_b = sorted(set(_entries(b)) - set(_entries(a)), key=str)
@@ -53,12 +48,16 @@ def comparison_notes(a: dict, b: dict) -> list[str]:
     return notes
 
 
+def _path(model) -> str:
+    return model.path if model and model.path is not None else "-"
+
+
 def _key_text(key: tuple) -> str:
     c, t, k, b = key
     return f"{c} T={t:g} k={k} batch={b}"
 
 
-def compare_reports(a: dict, b: dict) -> list[dict]:
+def compare_reports(a: EvalReport, b: EvalReport) -> list[dict]:
     """One row per matched entry and metric; every row carries the comparison's ``notes``."""
     ea, eb = _entries(a), _entries(b)
     keys = [key for key in ea if key in eb]
@@ -73,12 +72,12 @@ def compare_reports(a: dict, b: dict) -> list[dict]:
         x, y = ea[key], eb[key]
         category, temperature, k, batch_size = key
         for metric in stats.CI_METRICS:
-            va, vb = x.get(metric), y.get(metric)
+            va, vb = getattr(x, metric), getattr(y, metric)
             diff = vb - va if va is not None and vb is not None else None
             ci, paired = None, False
-            if diff is not None and x.get("units") and y.get("units"):
-                paired = stats.paired_units(x["units"], y["units"]) is not None
-                ci = stats.metric_diff_ci(x["units"], y["units"], metric,
+            if diff is not None and x.units and y.units:
+                paired = stats.paired_units(x.units, y.units) is not None
+                ci = stats.metric_diff_ci(x.units, y.units, metric,
                                           stratify=category == OVERALL)
             rows.append({
                 "category": category,

@@ -2,7 +2,8 @@
 
 ``report.json`` holds everything, the raw per-unit numbers included, so that any number in the
 Markdown or the plots (and any comparison of two reports) can be recomputed from it. Every file is
-written into a temp file beside its destination and renamed into place.
+written into a temp file beside its destination and renamed into place. The report's layout and
+its loader are :mod:`deepspec_plugin.bench.report_schema` (re-exported here).
 """
 
 from __future__ import annotations
@@ -10,13 +11,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 
-from deepspec_plugin.errors import DspecError
+from deepspec_plugin.bench.report_schema import (
+    REPORT_JSON,
+    SCHEMA,
+    EvalReport,
+    ReportEntry,
+    load_report,
+)
+from deepspec_plugin.fileio import atomic_write_bytes, atomic_write_text
 
-SCHEMA = "deepspec-bench/v1"
-REPORT_JSON = "report.json"
+__all__ = ["EvalReport", "ReportEntry", "load_report", "write_report", "write_json_atomic",
+           "render_markdown", "summary_rows", "REPORT_JSON", "SCHEMA"]
 REPORT_MD = "report.md"
 ACCEPTANCE_PNG = "acceptance_by_position.png"
 SPEEDUP_PNG = "speedup_by_batch_size.png"
@@ -26,22 +33,6 @@ METRICS_ANCHOR = "#metrics"
 
 
 # ------------------------------------------------------------------------------------ files
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write into a unique temp file beside ``path`` (normal permissions), then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _finite(obj):
@@ -56,11 +47,12 @@ def _finite(obj):
 
 
 def write_json_atomic(report: dict, path: str | Path) -> None:
+    """``report`` (a JSON-ready dict) as indented JSON, NaN and infinity as null."""
     text = json.dumps(_finite(report), indent=1, allow_nan=False) + "\n"
-    _atomic_write_bytes(text.encode("utf-8"), Path(path))
+    atomic_write_text(path, text)
 
 
-def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+def write_report(report: EvalReport, out_dir: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and the two PNG plots into ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -68,42 +60,11 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
         "json": out / REPORT_JSON, "md": out / REPORT_MD,
         "acceptance_png": out / ACCEPTANCE_PNG, "speedup_png": out / SPEEDUP_PNG,
     }
-    write_json_atomic(report, paths["json"])
-    _atomic_write_bytes(render_markdown(report, out).encode("utf-8"), paths["md"])
-    _atomic_write_bytes(plot_acceptance_by_position(report), paths["acceptance_png"])
-    _atomic_write_bytes(plot_speedup_by_batch_size(report), paths["speedup_png"])
+    write_json_atomic(report.to_dict(), paths["json"])
+    atomic_write_text(paths["md"], render_markdown(report, out))
+    atomic_write_bytes(paths["acceptance_png"], plot_acceptance_by_position(report))
+    atomic_write_bytes(paths["speedup_png"], plot_speedup_by_batch_size(report))
     return paths
-
-
-def load_report(path: str | Path) -> dict:
-    """A report.json (or the directory holding one), checked to be a deepspec-bench/v1 report."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / REPORT_JSON
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DspecError(f"report {path} does not exist",
-                         "pass a report.json or the directory `dspec eval --out` wrote") from None
-    except OSError as e:
-        raise DspecError(f"cannot read report {path}: {e.strerror}", "check the path") from e
-    try:
-        report = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DspecError(
-            f"report {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-            "it may be truncated",
-            "re-run the evaluation to write it again",
-        ) from e
-    if not isinstance(report, dict) or report.get("schema") != SCHEMA:
-        found = report.get("schema") if isinstance(report, dict) else type(report).__name__
-        raise DspecError(f"{path} is not a {SCHEMA} report (schema: {found!r})",
-                         "pass a report.json written by `dspec eval`")
-    for key, kind in (("results", list), ("overall", list), ("bench", dict), ("models", dict)):
-        if not isinstance(report.get(key), kind):
-            raise DspecError(f"report {path} has no valid '{key}'",
-                             "re-run the evaluation to write it again")
-    return report
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -113,47 +74,53 @@ def _num(v, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
-def _with_ci(entry: dict, key: str, digits: int = 3) -> str:
-    v = entry.get(key)
+def _with_ci(entry: ReportEntry, metric: str, digits: int = 3) -> str:
+    v = getattr(entry, metric)
     if v is None:
         return "-"
-    ci = (entry.get("ci95") or {}).get(key)
+    ci = entry.interval(metric)
     if not ci:
         return _num(v, digits)
     return f"{v:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
-def _grouped(report: dict) -> list[dict]:
+def _grouped(report: EvalReport) -> list[ReportEntry]:
     """Category entries, each (temperature, k, batch size) group followed by its overall."""
     from itertools import groupby
 
-    overall = {(e["temperature"], e["k"], e["batch_size"]): e for e in report.get("overall", [])}
+    def config(e: ReportEntry) -> tuple:
+        return (e.temperature, e.k, e.batch_size)
+
+    overall = {config(e): e for e in report.overall}
     rows = []
-    for key, group in groupby(report.get("results", []),
-                              key=lambda e: (e["temperature"], e["k"], e["batch_size"])):
+    for key, group in groupby(report.results, key=config):
         rows.extend(group)
         if key in overall:
             rows.append(overall[key])
     return rows
 
 
-def summary_rows(report: dict) -> list[dict[str, str]]:
+def summary_rows(report: EvalReport) -> list[dict[str, str]]:
     """One row of display strings per entry, in run order; keys are the column headers."""
+    return _entry_rows(_grouped(report))
+
+
+def _entry_rows(entries: list[ReportEntry]) -> list[dict[str, str]]:
     rows = []
-    for e in _grouped(report):
-        tps = _num(e.get("tokens_per_s"), 1)
-        if e.get("tokens_per_s_baseline") is not None:
-            tps += f" / {e['tokens_per_s_baseline']:.1f}"
+    for e in entries:
+        tps = _num(e.tokens_per_s, 1)
+        if e.tokens_per_s_baseline is not None:
+            tps += f" / {e.tokens_per_s_baseline:.1f}"
         rows.append({
-            "category": e["category"],
-            "T": f"{e['temperature']:g}",
-            "k": str(e["k"]),
-            "batch": str(e["batch_size"]),
-            "alpha": _num(e.get("alpha")),
+            "category": e.category,
+            "T": f"{e.temperature:g}",
+            "k": str(e.k),
+            "batch": str(e.batch_size),
+            "alpha": _num(e.alpha),
             "tau [95% CI]": _with_ci(e, "acceptance_length", 2),
             "acceptance [95% CI]": _with_ci(e, "acceptance_rate"),
             "speedup [95% CI]": _with_ci(e, "speedup", 2),
-            "predicted": _num(e.get("predicted_speedup"), 2),
+            "predicted": _num(e.predicted_speedup, 2),
             "tok/s spec / plain": tps,
         })
     return rows
@@ -168,23 +135,21 @@ def _md_table(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
-    bench, env, models = report["bench"], report.get("environment", {}), report["models"]
-    engine = report.get("engine", {})
+def render_markdown(report: EvalReport, out_dir: str | Path | None = None) -> str:
+    bench, env, engine = report.bench, report.environment, report.engine
     lines = [f"# Speculative decoding report: bench `{bench['name']}`", ""]
-    status = "complete" if report.get("complete") else (
-        "INTERRUPTED (partial)" if report.get("interrupted") else "INCOMPLETE (partial)")
-    lines += [f"Created {report.get('created', '?')} UTC; {status}.", ""]
+    status = {"complete": "complete", "interrupted": "INTERRUPTED (partial)"}.get(
+        report.status, "INCOMPLETE (partial)")
+    lines += [f"Created {report.created or '?'} UTC; {status}.", ""]
     if bench.get("description"):
         lines += [bench["description"], ""]
 
     lines += ["## What was run", ""]
-    for role in ("target", "draft"):
-        m = models.get(role)
+    for role, m in (("target", report.models.target), ("draft", report.models.draft)):
         if m:
-            params = f"{m['params']:,} parameters" if m.get("params") else "parameters unknown"
-            lines.append(f"- **{role}**: `{m['path']}` ({params}), "
-                         f"fingerprint `{m.get('fingerprint') or 'unavailable'}`")
+            params = f"{m.params:,} parameters" if m.params else "parameters unknown"
+            lines.append(f"- **{role}**: `{m.path}` ({params}), "
+                         f"fingerprint `{m.fingerprint or 'unavailable'}`")
         else:
             lines.append(f"- **{role}**: none")
     lines.append(f"- **engine**: `{engine.get('name', '?')}` "
@@ -197,17 +162,17 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
         f"- **grid**: temperatures {bench['temperatures']}, k {bench['k']}, "
         f"batch sizes {bench['batch_sizes']}, seeds {bench['seeds']}",
     ]
-    if report.get("overrides"):
-        lines.append(f"- **overrides**: {report['overrides']}")
-    for note in report.get("notes", []):
+    if report.overrides:
+        lines.append(f"- **overrides**: {report.overrides}")
+    for note in report.notes:
         lines.append(f"- note: {note}")
     lines += ["", "## Environment", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items() if v is not None]
     lines.append("")
 
-    rows_by_t: dict[float, list[dict]] = {}
+    rows_by_t: dict[float, list[ReportEntry]] = {}
     for e in _grouped(report):
-        rows_by_t.setdefault(e["temperature"], []).append(e)
+        rows_by_t.setdefault(e.temperature, []).append(e)
     lines += ["## Results", ""]
     lines += [
         "alpha: i.i.d. acceptance probability that explains tau; tau: mean tokens per target "
@@ -219,9 +184,9 @@ def render_markdown(report: dict, out_dir: str | Path | None = None) -> str:
     ]
     for t, entries in rows_by_t.items():
         lines += [f"### Temperature {t:g}", ""]
-        lines += _md_table(summary_rows({"results": entries, "overall": []}))
-        notes = sorted({e["speedup_note"] for e in entries if e.get("speedup_note")})
-        sources = sorted({e["cost_ratio_source"] for e in entries})
+        lines += _md_table(_entry_rows(entries))
+        notes = sorted({e.speedup_note for e in entries if e.speedup_note})
+        sources = sorted({e.cost_ratio_source or "unavailable" for e in entries})
         lines += ["", f"Cost ratio c: {', '.join(sources)}."]
         lines += [f"Speedup: {n}." for n in notes]
         lines.append("")
@@ -266,7 +231,7 @@ def _nan(v):
     return float("nan") if v is None else v
 
 
-def plot_acceptance_by_position(report: dict) -> bytes:
+def plot_acceptance_by_position(report: EvalReport) -> bytes:
     """Conditional and cumulative acceptance per draft position, a line per category/temperature.
 
     Each line uses the entry with the largest k (most positions) and the smallest batch size.
@@ -274,15 +239,15 @@ def plot_acceptance_by_position(report: dict) -> bytes:
     from matplotlib.ticker import MaxNLocator
 
     fig, (cond_ax, cum_ax) = _figure(2)
-    best: dict[tuple, dict] = {}
-    for e in report.get("results", []):
-        key = (e["category"], e["temperature"])
+    best: dict[tuple, ReportEntry] = {}
+    for e in report.results:
+        key = (e.category, e.temperature)
         b = best.get(key)
-        if b is None or (e["k"], -e["batch_size"]) > (b["k"], -b["batch_size"]):
+        if b is None or (e.k, -e.batch_size) > (b.k, -b.batch_size):
             best[key] = e
     for (category, t), e in best.items():
-        cond = e.get("conditional_position_acceptance") or []
-        cum = e.get("position_acceptance") or []
+        cond = e.conditional_position_acceptance
+        cum = e.position_acceptance
         label = f"{category}, T={t:g}"
         xs = list(range(1, len(cond) + 1))
         cond_ax.plot(xs, [_nan(v) for v in cond], marker="o", label=label)
@@ -302,30 +267,30 @@ def plot_acceptance_by_position(report: dict) -> bytes:
     return _png(fig)
 
 
-def plot_speedup_by_batch_size(report: dict) -> bytes:
+def plot_speedup_by_batch_size(report: EvalReport) -> bytes:
     """Measured speedup (95% CI bars) and predicted speedup over batch size, a line per k."""
-    overall = report.get("overall", [])
-    temps = sorted({e["temperature"] for e in overall}) or [None]
+    overall = report.overall
+    temps = sorted({e.temperature for e in overall}) or [None]
     fig, axes = _figure(len(temps), width=4.5)
     for ax, t in zip(axes, temps):
-        entries = [e for e in overall if e["temperature"] == t]
+        entries = [e for e in overall if e.temperature == t]
         colors = {}
-        for k in sorted({e["k"] for e in entries}):
-            line = sorted((e for e in entries if e["k"] == k), key=lambda e: e["batch_size"])
-            xs = [e["batch_size"] for e in line]
-            measured = [_nan(e.get("speedup")) for e in line]
+        for k in sorted({e.k for e in entries}):
+            line = sorted((e for e in entries if e.k == k), key=lambda e: e.batch_size)
+            xs = [e.batch_size for e in line]
+            measured = [_nan(e.speedup) for e in line]
             err_lo, err_hi = [], []
             for e in line:
-                ci = (e.get("ci95") or {}).get("speedup")
-                v = e.get("speedup")
+                ci = e.interval("speedup")
+                v = e.speedup
                 ok = ci is not None and v is not None
                 err_lo.append(max(v - ci[0], 0.0) if ok else 0.0)
                 err_hi.append(max(ci[1] - v, 0.0) if ok else 0.0)
-            if any(e.get("speedup") is not None for e in line):
+            if any(e.speedup is not None for e in line):
                 bars = ax.errorbar(xs, measured, yerr=[err_lo, err_hi], marker="o", capsize=3,
                                    label=f"k={k} measured")
                 colors[k] = bars[0].get_color()
-            predicted = [_nan(e.get("predicted_speedup")) for e in line]
+            predicted = [_nan(e.predicted_speedup) for e in line]
             ax.plot(xs, predicted, linestyle="--", marker="x", color=colors.get(k),
                     label=f"k={k} predicted")
         ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -335,7 +300,7 @@ def plot_speedup_by_batch_size(report: dict) -> bytes:
         ax.grid(alpha=0.3)
         if entries:
             ax.legend(fontsize="small")
-            bs = sorted({e["batch_size"] for e in entries})
+            bs = sorted({e.batch_size for e in entries})
             ax.set_xticks(bs)
         else:
             ax.text(0.5, 0.5, "no results", ha="center", transform=ax.transAxes)

@@ -52,12 +52,18 @@ from deepspec_plugin import metrics
 from deepspec_plugin.bench import stats
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, GenerationConfig
 from deepspec_plugin.bench.prompts import format_turns
+from deepspec_plugin.bench.report_schema import (
+    OVERALL,
+    EvalReport,
+    ModelInfo,
+    ReportEntry,
+    ReportModels,
+)
 from deepspec_plugin.bench.spec import SCHEMA, BenchSpec, load_bench, select_prompts
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
 
 WARMUP_NEW_TOKENS = 4
-OVERALL = "overall"
 
 
 def evaluate(
@@ -81,11 +87,11 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = True,
-) -> dict:
+) -> EvalReport:
     """Run a bench on a target and draft with one engine; write the report into ``out``.
 
     The bench is validated before any model is loaded; the models are resolved and checked as a
-    pair; the engine is closed however the run ends. Returns the report (as in report.json).
+    pair; the engine is closed however the run ends. Returns the report (report.json's content).
     """
     from deepspec_plugin import models
     from deepspec_plugin.bench.engines.factory import make_engine
@@ -119,29 +125,28 @@ def evaluate(
         eng.close()
 
 
-def describe_models(target: Path, draft: Path | None) -> dict:
+def describe_models(target: Path, draft: Path | None) -> ReportModels:
     """Path, fingerprints and parameter count of the target and draft, for the report.
 
     A directory without weights (a served model's tokenizer copy, for an endpoint) gets null
-    fingerprint and parameter count, and the reason.
+    fingerprint and parameter count, and the (first) reason.
     """
     from deepspec_plugin import models
 
-    def one(path: Path | None) -> dict | None:
+    def one(path: Path | None) -> ModelInfo | None:
         if path is None:
             return None
-        info = {"path": str(Path(path).resolve())}
+        info = ModelInfo(path=str(Path(path).resolve()))
         for key, read in (("fingerprint", models.fingerprint),
                           ("tokenizer_fingerprint", models.tokenizer_fingerprint),
                           ("params", models.param_count)):
             try:
-                info[key] = read(path)
+                setattr(info, key, read(path))
             except DspecError as e:
-                info[key] = None
-                info.setdefault("unavailable", str(e))
+                info.unavailable = info.unavailable or str(e)
         return info
 
-    return {"target": one(target), "draft": one(draft)}
+    return ReportModels(target=one(target), draft=one(draft))
 
 
 # ------------------------------------------------------------------------------------ one unit
@@ -235,9 +240,9 @@ def unit_record(
 
 def summarize_entry(
     category: str, temperature: float, k: int, batch_size: int, units: list[dict], *,
-    num_prompts: int, models_info: dict, supports_baseline: bool = True,
+    num_prompts: int, models_info: ReportModels, supports_baseline: bool = True,
     stratify: bool = False,
-) -> dict:
+) -> ReportEntry:
     """One result entry from its units: pooled counts, every derived metric, intervals, units."""
     counts = SpecCounts.total(SpecCounts.from_dict(u["counts"]) for u in units)
     summary = metrics.summarize(counts)
@@ -276,41 +281,45 @@ def summarize_entry(
     ci = {m: stats.metric_ci(units, m, stratify=stratify) for m in stats.CI_METRICS}
     if not has_baseline:
         ci["speedup"] = None
-    return {
-        "category": category,
-        "temperature": temperature,
-        "k": k,
-        "batch_size": batch_size,
-        "num_prompts": num_prompts,
-        "num_units": len(units),
-        "seeds": sorted({u["seed"] for u in units}),
-        **summary,
-        "per_request": per_request,
-        "alpha": alpha,
-        "cost_ratio": cost_ratio,
-        "cost_ratio_source": cost_source,
-        "predicted_speedup": predicted,
-        "new_tokens": new_tokens,
-        "elapsed_s": elapsed,
-        "tokens_per_s": tps,
-        "baseline_new_tokens": base_tokens,
-        "baseline_elapsed_s": base_elapsed,
-        "tokens_per_s_baseline": tps_base,
-        "speedup": speedup,
-        "speedup_note": speedup_note,
-        "ci95": ci,
-        "units": units,
-    }
+    return ReportEntry(
+        category=category,
+        temperature=temperature,
+        k=k,
+        batch_size=batch_size,
+        num_prompts=num_prompts,
+        num_units=len(units),
+        seeds=sorted({u["seed"] for u in units}),
+        counts=counts,
+        acceptance_rate=summary["acceptance_rate"],
+        acceptance_length=summary["acceptance_length"],
+        position_acceptance=summary["position_acceptance"],
+        conditional_position_acceptance=summary["conditional_position_acceptance"],
+        per_request=per_request,
+        alpha=alpha,
+        cost_ratio=cost_ratio,
+        cost_ratio_source=cost_source,
+        predicted_speedup=predicted,
+        new_tokens=new_tokens,
+        elapsed_s=elapsed,
+        tokens_per_s=tps,
+        baseline_new_tokens=base_tokens,
+        baseline_elapsed_s=base_elapsed,
+        tokens_per_s_baseline=tps_base,
+        speedup=speedup,
+        speedup_note=speedup_note,
+        ci95=ci,
+        units=units,
+    )
 
 
-def _cost_ratio(units: list[dict], models_info: dict) -> tuple[float | None, str]:
+def _cost_ratio(units: list[dict], models_info: ReportModels) -> tuple[float | None, str]:
     draft_s = _mean([u["draft_step_s"] for u in units if u["draft_step_s"] is not None])
     target_s = _mean([u["target_step_s"] for u in units if u["target_step_s"] is not None])
     if draft_s is not None and target_s:
         return draft_s / target_s, "measured"
-    target, draft = models_info.get("target"), models_info.get("draft")
-    if target and draft and target.get("params") and draft.get("params") is not None:
-        return draft["params"] / target["params"], "parameter ratio"
+    target, draft = models_info.target, models_info.draft
+    if target and draft and target.params and draft.params is not None:
+        return draft.params / target.params, "parameter ratio"
     return None, "unavailable (no step timings and no draft parameter count)"
 
 
@@ -318,11 +327,11 @@ def _cost_ratio(units: list[dict], models_info: dict) -> tuple[float | None, str
 
 
 def run_bench(
-    spec: BenchSpec, engine: Engine, tokenizer, out: str | Path, *, models_info: dict,
+    spec: BenchSpec, engine: Engine, tokenizer, out: str | Path, *, models_info: ReportModels,
     progress: bool = True,
-) -> dict:
+) -> EvalReport:
     """Run the protocol above with a ready engine and tokenizer; returns the final report."""
-    from deepspec_plugin.bench.report import write_json_atomic, write_report
+    from deepspec_plugin.bench.report import REPORT_JSON, write_json_atomic, write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,26 +347,24 @@ def run_bench(
         notes.append(f"engine {engine.name} cannot decode without the draft: no measured speedup")
 
     prompts = {c.name: select_prompts(spec, c) for c in spec.categories}
-    target_dir = (models_info.get("target") or {}).get("path")
+    target_dir = models_info.target.path if models_info.target else None
     stop_ids = stop_token_ids(tokenizer, target_dir)
-    report = {
-        "schema": SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "complete": False,
-        "interrupted": False,
-        "bench": spec.to_dict(),
-        "bench_source": spec.source,
-        "overrides": spec.overrides,
-        "engine": {"name": engine.name, **engine.describe()},
-        "environment": environment(engine),
-        "models": models_info,
-        "stop_token_ids": list(stop_ids),
-        "notes": notes,
-        "results": [],
-        "overall": [],
-    }
-    report_path = out / "report.json"
-    write_json_atomic(report, report_path)
+    report = EvalReport(
+        schema=SCHEMA,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        complete=False,
+        interrupted=False,
+        bench=spec.to_dict(),
+        bench_source=spec.source,
+        overrides=spec.overrides,
+        engine={"name": engine.name, **engine.describe()},
+        environment=environment(engine),
+        models=models_info,
+        stop_token_ids=list(stop_ids),
+        notes=notes,
+    )
+    report_path = out / REPORT_JSON
+    write_json_atomic(report.to_dict(), report_path)
 
     n_units = len(spec.k) * len(spec.temperatures) * sum(
         len(spec.seeds) * -(-len(p) // b) for p in prompts.values() for b in spec.batch_sizes
@@ -384,26 +391,26 @@ def run_bench(
                                 supports_baseline=engine.supports_baseline,
                             )
                             entries.append(entry)
-                            report["results"].append(entry)
-                            write_json_atomic(report, report_path)
-                        report["overall"].append(summarize_entry(
+                            report.results.append(entry)
+                            write_json_atomic(report.to_dict(), report_path)
+                        report.overall.append(summarize_entry(
                             OVERALL, temperature, k, batch_size,
-                            [u for e in entries for u in e["units"]],
-                            num_prompts=sum(e["num_prompts"] for e in entries),
+                            [u for e in entries for u in e.units],
+                            num_prompts=sum(e.num_prompts for e in entries),
                             models_info=models_info,
                             supports_baseline=engine.supports_baseline, stratify=True,
                         ))
-                        write_json_atomic(report, report_path)
+                        write_json_atomic(report.to_dict(), report_path)
     except KeyboardInterrupt:
-        report["interrupted"] = True
-        write_json_atomic(report, report_path)
+        report.interrupted = True
+        write_json_atomic(report.to_dict(), report_path)
         raise
     except Exception as e:
-        report["error"] = f"{type(e).__name__}: {e}"
-        write_json_atomic(report, report_path)
+        report.error = f"{type(e).__name__}: {e}"
+        write_json_atomic(report.to_dict(), report_path)
         raise
-    report["complete"] = True
-    report["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    report.complete = True
+    report.finished = datetime.now(UTC).isoformat(timespec="seconds")
     write_report(report, out)
     return report
 

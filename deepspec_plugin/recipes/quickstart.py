@@ -23,6 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from deepspec_plugin.bench.report_schema import EvalReport
 
 
 @dataclass(frozen=True)
@@ -48,14 +52,14 @@ LOSS = "fkl"
 
 @dataclass
 class QuickstartResult:
-    untrained: dict  # the bench report of the untrained draft
-    trained: dict | None  # ... of the distilled draft (None with train=False)
+    untrained: EvalReport  # the bench report of the untrained draft
+    trained: EvalReport | None  # ... of the distilled draft (None with train=False)
     untrained_dir: Path
     trained_dir: Path | None
     seconds: dict[str, float]  # per stage
 
     @property
-    def report(self) -> dict:
+    def report(self) -> EvalReport:
         """The newest draft's report."""
         return self.trained if self.trained is not None else self.untrained
 
@@ -168,17 +172,17 @@ def comparison_rows(result: QuickstartResult) -> list[dict[str, str]]:
     if result.trained is not None:
         reports.append(("distilled", result.trained))
     for name, report in reports:
-        for e in report["overall"]:
-            ci = e.get("ci95", {}).get("speedup") or [None, None]
+        for e in report.overall:
+            ci = e.interval("speedup") or [None, None]
             rows.append({
                 "draft": name,
-                "T": f"{e['temperature']:g}",
-                "k": str(e["k"]),
-                "acceptance": f"{e['acceptance_rate']:.3f}",
-                "alpha": f"{e['alpha']:.3f}",
-                "tau": f"{e['acceptance_length']:.2f}",
-                "speedup": f"{e['speedup']:.2f}" + (
+                "T": f"{e.temperature:g}",
+                "k": str(e.k),
+                "acceptance": f"{e.acceptance_rate:.3f}",
+                "alpha": f"{e.alpha:.3f}",
+                "tau": f"{e.acceptance_length:.2f}",
+                "speedup": f"{e.speedup:.2f}" + (
                     f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci[0] is not None else ""),
-                "predicted": f"{e['predicted_speedup']:.2f}",
+                "predicted": f"{e.predicted_speedup:.2f}",
             })
     return rows

@@ -250,3 +250,57 @@ def test_describe(engine):
     d = engine.describe()
     assert d["engine"] == "reference" and d["device"] == "cpu" and d["dtype"] == "float32"
     assert d["torch"] == torch.__version__ and d["torch_threads"] >= 1
+
+
+def test_a_proposer_plugs_in_without_a_draft_model(engine):
+    """The accept / resample loop sees only the Proposer seam: a proposer passed in (here the
+    draft model's, behind a recorder) gives the same tokens and counts as the built-in one."""
+    from deepspec_plugin.bench.engines.cached_lm import CachedLM
+    from deepspec_plugin.bench.engines.proposer import DraftModelProposer
+
+    calls = []
+
+    class Recorder(DraftModelProposer):
+        def prefill(self, *args):
+            calls.append("prefill")
+            super().prefill(*args)
+
+        def rollback(self, num_accepted, accepted):
+            calls.append("rollback")
+            super().rollback(num_accepted, accepted)
+
+    plugged = ReferenceEngine(
+        engine.target, proposer=Recorder(CachedLM(engine.draft), engine.device)
+    )
+    for cfg in (replace(GREEDY, k=3), replace(GREEDY, k=2, temperature=1.0, seed=5)):
+        calls.clear()
+        got, want = plugged.generate(PROMPTS, cfg), engine.generate(PROMPTS, cfg)
+        assert _tokens(got) == _tokens(want)
+        assert [g.counts for g in got.generations] == [g.counts for g in want.generations]
+        assert calls[0] == "prefill" and calls.count("prefill") == 1
+        assert calls.count("rollback") > 0
+
+
+def test_step_timer_keeps_the_first_width_that_has_forwards(monkeypatch):
+    from deepspec_plugin.bench.engines import timing
+
+    clock = iter([0.0, 10.0, 15.0, 20.0, 22.0, 30.0, 34.0, 40.0, 41.0, 50.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    timer = timing.StepTimer("cpu", widths=(1, 2))
+    assert timer.mean_s() is None
+    timer.stop(timer.start(), width=3)  # not a width it records
+    assert timer.mean_s() is None
+    timer.stop(timer.start(), width=2)
+    assert timer.mean_s() == 5.0  # no single-token forward yet: the two-token ones
+    timer.stop(timer.start(), width=1)
+    timer.stop(timer.start(), width=1)
+    assert timer.mean_s() == 3.0  # single-token forwards take precedence
+    module = torch.nn.Embedding(4, 2)
+    hooked = timing.StepTimer("cpu")
+    handles = hooked.attach(module)
+    module(torch.tensor([[1]]))  # 40 -> 41
+    module(torch.tensor([[1, 2]]))  # width 2: not timed by a width-1 timer
+    for h in handles:
+        h.remove()
+    module(torch.tensor([[1]]))  # detached
+    assert hooked.mean_s() == 1.0

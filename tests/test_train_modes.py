@@ -78,21 +78,22 @@ def test_online_teacher_equals_the_stored_signal_when_k_is_the_vocabulary(tiny, 
 
     from deepspec_plugin.models import load_causal_lm
     from deepspec_plugin.train.losses import make_loss
-    from deepspec_plugin.train.trainer import _draft_logits, _signal, collate
+    from deepspec_plugin.train.batches import collate, target_signal
+    from deepspec_plugin.train.draft import response_logits
 
     samples = list(read_data(full_data))[:4]
     batch = collate(samples)
     draft = load_causal_lm(tiny.draft)
     scorer = load_causal_lm(tiny.target).eval()
     with torch.no_grad():
-        logits = _draft_logits(draft, batch)
-        stored, online = _signal(batch, 1.0), _signal(batch, 1.0, scorer)
+        logits = response_logits(draft, batch)
+        stored, online = target_signal(batch, 1.0), target_signal(batch, 1.0, scorer)
         for spec in ("tvd", "fkl", "rkl", "jsd:0.5"):
             loss = make_loss(spec, 1.0)
             assert float(loss(logits, stored, None)) == pytest.approx(
                 float(loss(logits, online, None)), abs=2e-3), spec
         # ...and the target against itself: zero TVD.
-        self_logits = _draft_logits(scorer, batch)
+        self_logits = response_logits(scorer, batch)
         assert float(make_loss("tvd", 1.0)(self_logits, online, None)) < 1e-6
 
 

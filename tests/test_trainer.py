@@ -10,7 +10,8 @@ import pytest
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.train.data import Sample, generate_data, read_data
-from deepspec_plugin.train.trainer import batch_indices, collate, evaluate, split_by_prompt, train
+from deepspec_plugin.train.batches import batch_indices, collate, split_by_prompt
+from deepspec_plugin.train.trainer import evaluate, train
 
 PROMPTS = [
     ["What is two plus three?"],
@@ -312,3 +313,25 @@ def test_split_and_order_are_deterministic():
     assert batch_indices(7, 3, 5, 9) == stream[5:14]
     with pytest.raises(DspecError, match="at least 2"):
         split_by_prompt(samples[:2], 0.2, seed=1)
+
+
+def test_run_identity_is_derived_from_the_config(tiny, data, trained):
+    from dataclasses import replace
+
+    from deepspec_plugin.train.config import TrainConfig
+    from deepspec_plugin.train.distributed import World
+
+    out, _ = trained
+    cfg = TrainConfig(tiny.target, data, out, draft_init="layers:1", loss="tvd", steps=40,
+                      lr=2e-3, eval_every=20, save_every=20, **QUICK)
+    identity = cfg.run_identity(World(), out / "init", "tvd")
+    recorded = json.loads((out / "checkpoints/step-40/state.json").read_text())["run"]
+    assert identity.to_json() == recorded and "lora" not in recorded
+    assert identity.differences(recorded) == []
+    wider = replace(cfg, lora="r=4").run_identity(World(size=2), out / "init", "tvd")
+    assert wider.to_json()["global_batch_size"] == 8 and wider.to_json()["lora"]["r"] == 4
+    assert wider.differences(recorded)[0].startswith("global_batch_size: 4 in the checkpoint")
+    with pytest.raises(DspecError, match="grad_accum must be >= 1"):
+        replace(cfg, out=out.parent / "new", grad_accum=0).check(World())
+    with pytest.raises(DspecError, match="unknown parallel mode"):
+        replace(cfg, parallel="tp").check(World())

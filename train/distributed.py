@@ -147,6 +147,14 @@ def full_state(model, optimizer):
     return model_sd, optim_sd
 
 
+def full_model_state(model) -> dict:
+    """The model's state dict of `full_state` alone (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(getattr(model, "module", model), options=options)
+
+
 def load_optimizer_state(model, optimizer, state: dict) -> None:
     """Load a full, name-keyed optimizer state dict (see `full_state`) in any mode."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

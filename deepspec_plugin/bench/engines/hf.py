@@ -28,10 +28,11 @@ another.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
+from deepspec_plugin.bench.engines.timing import StepTimer
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
 
@@ -113,48 +114,6 @@ def derive_counts(
     )
 
 
-@dataclass
-class _StepTimer:
-    """Wall time of a module's decode forwards (on CUDA after a synchronize).
-
-    The mean is over single-token forwards. Where there are none it falls back to two-token
-    forwards: with k=1 transformers feeds the draft two tokens every round (it re-feeds the last
-    token it already saw), and a two-token forward costs about what a one-token forward does.
-    """
-
-    sync: bool = False
-    times: dict[int, list[float]] = field(default_factory=lambda: {1: [], 2: []})
-    _start: float | None = None
-    _n: int = 0
-
-    def pre(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self._n = ids.shape[-1] if ids is not None else 0
-        if self._n in self.times:
-            self._synchronize()
-            self._start = time.perf_counter()
-        else:
-            self._start = None
-
-    def post(self, module, args, kwargs, output):
-        if self._start is not None:
-            self._synchronize()
-            self.times[self._n].append(time.perf_counter() - self._start)
-            self._start = None
-
-    def _synchronize(self):
-        if self.sync:
-            import torch
-
-            torch.cuda.synchronize()
-
-    def mean(self) -> float | None:
-        for n in (1, 2):
-            if self.times[n]:
-                return sum(self.times[n]) / len(self.times[n])
-        return None
-
-
 class HFAssistedEngine(Engine):
     """Target and draft as transformers models; assisted generation with a constant k."""
 
@@ -228,7 +187,11 @@ class HFAssistedEngine(Engine):
         if speculating:
             self._configure_assistant(cfg.k)
 
-        draft_timer, target_timer = _StepTimer(self._sync), _StepTimer(self._sync)
+        # With k=1 transformers feeds the draft two tokens every round (it re-feeds the last token
+        # it already saw): where there are no single-token forwards, two-token ones (about the
+        # same cost) give the step time.
+        draft_timer = StepTimer(self.device, widths=(1, 2))
+        target_timer = StepTimer(self.device, widths=(1, 2))
         verifications: list[_Verification] = []
 
         def record_verification(module, args, kwargs):
@@ -242,13 +205,9 @@ class HFAssistedEngine(Engine):
             handles.append(
                 self.target.register_forward_pre_hook(record_verification, with_kwargs=True)
             )
-            handles.append(self.draft.register_forward_pre_hook(draft_timer.pre, with_kwargs=True))
-            handles.append(self.draft.register_forward_hook(draft_timer.post, with_kwargs=True))
+            handles.extend(draft_timer.attach(self.draft))
         else:
-            handles.append(
-                self.target.register_forward_pre_hook(target_timer.pre, with_kwargs=True)
-            )
-            handles.append(self.target.register_forward_hook(target_timer.post, with_kwargs=True))
+            handles.extend(target_timer.attach(self.target))
 
         generations: list[Generation] = []
         self.last_derivations = []
@@ -289,8 +248,8 @@ class HFAssistedEngine(Engine):
             generations=generations,
             elapsed_s=elapsed,
             counts=total,
-            draft_step_s=draft_timer.mean() if speculating else None,
-            target_step_s=None if speculating else target_timer.mean(),
+            draft_step_s=draft_timer.mean_s() if speculating else None,
+            target_step_s=None if speculating else target_timer.mean_s(),
         )
 
     def describe(self) -> dict:

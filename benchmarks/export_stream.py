@@ -14,7 +14,7 @@ and tokenizer; random weights: only bytes matter here), then, side by side in on
   embedding and head are padded on the way (still streamed).
 
 Each runs in its own process, measured for wall time and peak RSS (``ru_maxrss`` of the child),
-alternating over ``--repeats`` rounds; the medians are compared. Goals (exporters issue): peak
+alternating over ``--repeats`` rounds; the medians are compared. Goals: peak
 RSS under the largest tensor plus 300 MB, and export time within 2x of the copy.
 
     .venv/bin/python benchmarks/export_stream.py [--work /tmp/export-bench] [--repeats 3]

@@ -1,6 +1,6 @@
 """What the vLLM plugin costs per engine step and per scrape, next to vLLM's own Prometheus logger.
 
-Goal (serving issue): ``DeepSpecStatLogger.record()`` at most 5 us median per engine step on this
+Goal: ``DeepSpecStatLogger.record()`` at most 5 us median per engine step on this
 CPU with k = 4 and 3 windows (1m, 5m, 1h), and a scrape of its metrics at most 5 ms.
 
 Set-up: a real ``VllmConfig`` for the tiny target/draft pair (k = 4, ``draft_model``), and a draft

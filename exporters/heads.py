@@ -17,8 +17,8 @@ Reading only looks at safetensors headers (:mod:`deepspec_plugin.exporters.safet
 streams the bytes it needs. Pickle weights are refused, never loaded.
 
 ``build_medusa`` and ``build_mlp_speculator`` write small random head drafts sized from a target's
-config, with its tokenizer files and a ``deepspec.json``: stand-ins for trained heads (a later
-stage trains them), for tests and examples only.
+config, with its tokenizer files and a ``deepspec.json``: stand-ins for trained heads, for tests
+and examples only.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.models import PICKLE_SUFFIXES, _read_json
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.tensorfiles import PICKLE_SUFFIXES
 from deepspec_plugin.exporters.safetensors_io import StoredTensor, read_dir, read_tensors, same_bytes
 
 MEDUSA = "medusa"
@@ -54,7 +55,7 @@ def detect_head_format(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise DspecError(f"draft directory {path} does not exist", "fix the --draft path")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     if not isinstance(config, dict):
         raise DspecError(f"{path / 'config.json'} is not a JSON object", "restore the file")
     if "medusa_num_heads" in config:
@@ -142,7 +143,7 @@ def medusa_names(num_heads: int, num_layers: int) -> list[str]:
 def read_medusa(path: str | Path) -> MedusaSource:
     """Read a Medusa draft (FasterDecoding layout) and check its names and shapes."""
     path = Path(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     num_heads = _int_key(config, "medusa_num_heads", path)
     num_layers = _int_key(config, "medusa_num_layers", path, minimum=0)
     index = read_dir(path, _weight_files(path, MEDUSA_WEIGHTS))
@@ -198,7 +199,7 @@ class MlpSource:
 def read_mlp_speculator(path: str | Path) -> MlpSource:
     """Read an MLP speculator (fms-extras / Hub layout) and check its names and shapes."""
     path = Path(path)
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     n_predict = _int_key(config, "n_predict", path)
     index = read_dir(path, _weight_files(path))
     found: dict[str, dict[str, StoredTensor]] = {}
@@ -247,7 +248,7 @@ def read_mlp_speculator(path: str | Path) -> MlpSource:
 
 
 def _target_dims(target: Path) -> tuple[int, int]:
-    config = _read_json(Path(target) / "config.json")
+    config = read_json(Path(target) / "config.json")
     try:
         return int(config["hidden_size"]), int(config["vocab_size"])
     except (KeyError, TypeError, ValueError):

@@ -399,10 +399,11 @@ def _check_manifest_and_launcher(report: CheckReport, export_dir: Path, fmt: str
 
 def _check_target(report: CheckReport, export_dir: Path, target: Path, hidden: int | None,
                   vocab: int | None) -> None:
-    from deepspec_plugin.models import _read_json, tokenizer_fingerprint
+    from deepspec_plugin.fileio import read_json
+    from deepspec_plugin.models import tokenizer_fingerprint
 
     try:
-        tcfg = _read_json(target / "config.json")
+        tcfg = read_json(target / "config.json")
     except DspecError as e:
         report.add("target.config", False, e.problem, SRC_GET_MODEL)
         return

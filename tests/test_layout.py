@@ -8,6 +8,7 @@ the other), then the CLI and the recipes on top. Every import counts, those insi
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -164,10 +165,16 @@ def test_every_package_is_installed():
 
 
 def test_the_wheel_installs_one_top_level_package(tmp_path):
+    src = tmp_path / "src"  # a copy: setuptools leaves build/ and *.egg-info in the source tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for folder in SOURCES.values():
+        shutil.copytree(folder, src / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
+                    "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                    check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("*.whl")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"deepspec_plugin",
                                                   "deepspec_plugin-0.1.0.dist-info"}

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.fileio import atomic_write_bytes, atomic_write_text
 
 SCHEMA = "deepspec-data/v1"
 MANIFEST = "manifest.json"
@@ -120,23 +119,9 @@ class DataManifest:
         return cls(**d)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; data is shared like any other file
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_manifest(out: Path, manifest: DataManifest) -> None:
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(out / MANIFEST, text.encode())
+    atomic_write_text(out / MANIFEST, text)
 
 
 def load_manifest(out: Path) -> DataManifest:
@@ -483,7 +468,7 @@ def generate_data(
                                       cfg, stop_ids, bar.add_tokens)
             data, counts = _shard_bytes(samples, topk, shard)
             path = out / shard_name(shard)
-            _atomic_write_bytes(path, data)
+            atomic_write_bytes(path, data)
             manifest.shards.append(ShardRecord(
                 file=path.name, prompt_start=start, prompt_end=end,
                 sha256="sha256:" + hashlib.sha256(data).hexdigest(), **counts))
@@ -495,9 +480,9 @@ def generate_data(
 
 
 def _vocab_size_of(target: Path) -> int:
-    from deepspec_plugin.models import _read_json
+    from deepspec_plugin.fileio import read_json
 
-    config = _read_json(Path(target) / "config.json")
+    config = read_json(Path(target) / "config.json")
     if "vocab_size" not in config:
         raise DspecError(f"{target}/config.json has no vocab_size", "point at a causal LM")
     return int(config["vocab_size"])

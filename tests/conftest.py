@@ -29,3 +29,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+
+@pytest.fixture(scope="session")
+def train_prompt_file(tmp_path_factory):
+    """TRAIN_PROMPTS as a prompt file (eight prompts, one of them two turns)."""
+    from helpers import write_prompt_file
+
+    return write_prompt_file(tmp_path_factory.mktemp("prompts") / "p.jsonl")
+
+
+@pytest.fixture(scope="session")
+def train_data(tiny, train_prompt_file, tmp_path_factory):
+    """The tiny target's answers to TRAIN_PROMPTS (32 tokens, top-16), generated once."""
+    from helpers import make_train_data
+
+    return make_train_data(tiny.target, train_prompt_file, tmp_path_factory.mktemp("data") / "d")

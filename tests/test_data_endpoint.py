@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from helpers import TRAIN_PROMPTS, write_prompt_file
 from local_http import LocalServer, free_port  # tests/ is on sys.path: no __init__.py
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
@@ -26,20 +27,14 @@ from deepspec_plugin.errors import DspecError
 from deepspec_plugin.train.data import generate_data, read_data
 from deepspec_plugin.train.endpoint import MIN_CHECKED, EndpointGenerator
 
-PROMPTS = [
-    ["What is two plus three?"],
-    ["Write a function that adds numbers.", "Now make it multiply."],
-    ["Tell me about ducks."],
-]
+PROMPTS = TRAIN_PROMPTS[:3]
 SETTINGS = dict(max_new_tokens=8, topk=8, batch_size=2, shard_size=2, progress=False)
 STANDARD_FIELDS = {"model", "prompt", "max_tokens", "temperature", "seed"}
 
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    path.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
-    return path
+    return write_prompt_file(tmp_path_factory.mktemp("prompts") / "p.jsonl", PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -189,8 +189,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
                                      ["models", "fingerprint", "--help"]])
 def test_cli_runs_beside_a_users_train_py(tmp_path, command):
     """A user's own train.py and exporters.py in the working directory shadow nothing."""
-    (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
-    (tmp_path / "exporters.py").write_text("raise SystemExit('the user exporters.py was imported')\n")
+    for name in ("train", "exporters"):
+        (tmp_path / f"{name}.py").write_text(f"raise SystemExit('the user {name}.py ran')\n")
     run = subprocess.run([sys.executable, "-m", "deepspec_plugin.cli", *command], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

@@ -11,41 +11,22 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.train.data import generate_data
-from deepspec_plugin.train.lora import DEFAULT_TARGETS, LoraSpec, apply_lora, parameter_counts, parse_lora
+from deepspec_plugin.train.lora import (
+    DEFAULT_TARGETS,
+    LoraSpec,
+    apply_lora,
+    parameter_counts,
+    parse_lora,
+)
 from deepspec_plugin.train.trainer import train
 
-PROMPTS = [
-    ["What is two plus three?"],
-    ["Write a function that adds numbers."],
-    ["Tell me about ducks."],
-    ["Count to five."],
-    ["Why is the sky blue?"],
-    ["Name three colours."],
-    ["How do I sort a list in Python?"],
-    ["What is the capital of France?"],
-]
 QUICK = dict(batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
 SPEC = "r=4,alpha=8"
 
 
 @pytest.fixture(scope="module")
-def data(tiny, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("lora-data")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
-    out = root / "d"
-    generate_data(
-        tiny.target,
-        [prompts],
-        out,
-        max_new_tokens=32,
-        topk=16,
-        batch_size=4,
-        shard_size=4,
-        progress=False,
-    )
-    return out
+def data(train_data) -> Path:
+    return train_data
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,8 @@ def _draft_with_tokenizer(
 
 def test_check_pair_vocab_mismatch(tiny, tmp_path):
     models.check_pair(tiny.target, tiny.draft)
-    small = _draft_with_tokenizer(tiny, tmp_path, "small", models.tiny.tiny_prompt_texts(), vocab_size=320)
+    texts = models.tiny.tiny_prompt_texts()
+    small = _draft_with_tokenizer(tiny, tmp_path, "small", texts, vocab_size=320)
     with pytest.raises(DspecError, match=r"vocab sizes differ: target .* 512, draft .* 320"):
         models.check_pair(tiny.target, small)
 

@@ -6,19 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import TRAIN_PROMPTS, make_train_data, write_prompt_file
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.train.data import generate_data, read_data
+from deepspec_plugin.train.data import read_data
 from deepspec_plugin.train.trainer import train
 
-PROMPTS = [
-    ["What is two plus three?"],
-    ["Write a function that adds numbers.", "Now make it multiply."],
-    ["Tell me about ducks."],
-    ["Count to five."],
-    ["Why is the sky blue?"],
-    ["Name three colours."],
-]
+PROMPTS = TRAIN_PROMPTS[:6]
 QUICK = dict(batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
 
 
@@ -26,11 +20,9 @@ QUICK = dict(batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
 def full_data(tiny, tmp_path_factory) -> Path:
     """Data whose stored top-k covers the whole tiny vocabulary (K = V = 512)."""
     root = tmp_path_factory.mktemp("modes")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
-    out = root / "data"
-    generate_data(tiny.target, [prompts], out, max_new_tokens=24, topk=512, batch_size=4,
-                  shard_size=8, progress=False)
+    prompts = write_prompt_file(root / "p.jsonl", PROMPTS)
+    out = make_train_data(tiny.target, prompts, root / "data", max_new_tokens=24, topk=512,
+                          shard_size=8)
     return out
 
 
@@ -77,9 +69,9 @@ def test_online_teacher_equals_the_stored_signal_when_k_is_the_vocabulary(tiny, 
     import torch
 
     from deepspec_plugin.models import load_causal_lm
-    from deepspec_plugin.train.losses import make_loss
     from deepspec_plugin.train.batches import collate, target_signal
     from deepspec_plugin.train.draft import response_logits
+    from deepspec_plugin.train.losses import make_loss
 
     samples = list(read_data(full_data))[:4]
     batch = collate(samples)

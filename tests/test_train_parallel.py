@@ -15,33 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from deepspec_plugin.train.data import generate_data
 from deepspec_plugin.train.trainer import train
 
-PROMPTS = [
-    ["What is two plus three?"],
-    ["Write a function that adds numbers.", "Now make it multiply."],
-    ["Tell me about ducks."],
-    ["Count to five."],
-    ["Why is the sky blue?"],
-    ["Name three colours."],
-    ["How do I sort a list in Python?"],
-    ["What is the capital of France?"],
-]
 STEPS = 4
 COMMON = dict(draft_init="layers:1", loss="tvd", steps=STEPS, lr=2e-3, warmup_steps=2,
               eval_fraction=0.25, eval_every=2, save_every=2, seed=0)
 
 
 @pytest.fixture(scope="module")
-def data(tiny, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("parallel")
-    prompts = root / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
-    out = root / "data"
-    generate_data(tiny.target, [prompts], out, max_new_tokens=24, topk=16, batch_size=4,
-                  shard_size=4, progress=False)
-    return out
+def data(train_data) -> Path:
+    return train_data
 
 
 @pytest.fixture(scope="module")

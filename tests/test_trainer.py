@@ -9,44 +9,21 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.train.data import Sample, generate_data, read_data
 from deepspec_plugin.train.batches import batch_indices, collate, split_by_prompt
+from deepspec_plugin.train.data import Sample, generate_data, read_data
 from deepspec_plugin.train.trainer import evaluate, train
 
-PROMPTS = [
-    ["What is two plus three?"],
-    ["Write a function that adds numbers.", "Now make it multiply."],
-    ["Tell me about ducks."],
-    ["Count to five."],
-    ["Why is the sky blue?"],
-    ["Name three colours."],
-    ["How do I sort a list in Python?"],
-    ["What is the capital of France?"],
-]
 QUICK = dict(batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
 
 
 @pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("prompts") / "p.jsonl"
-    path.write_text("".join(json.dumps({"turns": t}) + "\n" for t in PROMPTS))
-    return path
+def prompt_file(train_prompt_file) -> Path:
+    return train_prompt_file
 
 
 @pytest.fixture(scope="module")
-def data(tiny, prompt_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "d"
-    generate_data(
-        tiny.target,
-        [prompt_file],
-        out,
-        max_new_tokens=32,
-        topk=16,
-        batch_size=4,
-        shard_size=4,
-        progress=False,
-    )
-    return out
+def data(train_data) -> Path:
+    return train_data
 
 
 @pytest.fixture(scope="module")

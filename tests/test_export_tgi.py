@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import read_manifest
-from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 from deepspec_plugin.exporters.heads import (
     build_medusa,
     build_mlp_speculator,
@@ -21,6 +19,8 @@ from deepspec_plugin.exporters.heads import (
 )
 from deepspec_plugin.exporters.tgi import export_tgi
 from deepspec_plugin.exporters.tgi_rules import check_tgi, medusa_shapes, mlp_tied_shapes
+from deepspec_plugin.manifest import read_manifest
+from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 SERVING = {"serving_configs/tgi-launcher.sh", "serving_configs/tgi.env",

@@ -16,10 +16,10 @@ import pytest
 from deepspec_plugin.bench.spec import SCHEMA
 from deepspec_plugin.cli import main
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import read_manifest, write_manifest
-from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 from deepspec_plugin.exporters.check import check_export
 from deepspec_plugin.exporters.vllm import export_vllm
+from deepspec_plugin.manifest import read_manifest, write_manifest
+from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
 
 def tree_digest(path: Path) -> str:
@@ -332,7 +332,6 @@ def test_llama_family_shapes_match_transformers(model_type, extra):
 def test_eagle3_export_through_export_vllm(tiny, tmp_path):
     """An EAGLE-3 head in DeepSpec's layout (conversion details: test_export_eagle3.py)."""
     import yaml
-
     from eagle3_builders import build_deepspec_eagle3
 
     head = build_deepspec_eagle3(tiny.target, tmp_path / "head")

@@ -23,8 +23,8 @@ import huggingface_hub.constants  # noqa: E402
 from hub_standin import HubStandIn  # noqa: E402  (tests/ is on sys.path: no __init__.py)
 
 from deepspec_plugin.errors import DspecError  # noqa: E402
-from deepspec_plugin.manifest import write_manifest  # noqa: E402
 from deepspec_plugin.exporters.hub import model_card, push, push_and_report  # noqa: E402
+from deepspec_plugin.manifest import write_manifest  # noqa: E402
 
 TOKEN = "hf_standinWriteToken0123456789abcdef"
 READ_TOKEN = "hf_standinReadOnlyToken0123456789ab"

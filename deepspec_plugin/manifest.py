@@ -218,3 +218,24 @@ def baseline_from_report(report: EvalReport, k: int | None = None,
             "target_fingerprint": report.target_fingerprint,
         },
     )
+
+
+def report_model_mismatches(report: EvalReport, where: str, target_fingerprint: str,
+                            draft_fingerprint: str | None) -> list[tuple[str, str, str]]:
+    """``(what, problem, fix)`` for each model a baseline's report was not measured on.
+
+    A baseline describes one draft on one target: the exporters refuse a report of another
+    target or another draft (unless forced, which the manifest then records). A report or a
+    draft without a fingerprint is not compared.
+    """
+    found = []
+    rep_target, rep_draft = report.target_fingerprint, report.draft_fingerprint
+    if rep_target and rep_target != target_fingerprint:
+        found.append(("report_target",
+                      f"report {where} was measured on another target ({rep_target}, not "
+                      f"{target_fingerprint})", "evaluate the draft on this target, or --force"))
+    if rep_draft and draft_fingerprint and rep_draft != draft_fingerprint:
+        found.append(("report_draft",
+                      f"report {where} was measured on another draft ({rep_draft}, not "
+                      f"{draft_fingerprint})", "evaluate this draft (dspec eval), or --force"))
+    return found

@@ -2,7 +2,8 @@
 
 Run at the end of every export (before the export is renamed into place) and on its own. The
 format comes from the manifest's ``method``: TGI's head formats are checked by
-:mod:`deepspec_plugin.exporters.tgi_rules`, EAGLE-3 by :mod:`deepspec_plugin.exporters.eagle3`, a vLLM ``draft_model`` here:
+:mod:`deepspec_plugin.exporters.tgi_rules`, EAGLE-3 by
+:mod:`deepspec_plugin.exporters.eagle3_rules`, a vLLM ``draft_model`` here:
 
 * files: ``config.json``, safetensors weights only (pickles refused, never read), the tokenizer
   files, ``deepspec.json``, the serving configs;
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin import models
+from deepspec_plugin.fileio import read_json
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import FILENAME, read_manifest
 from deepspec_plugin.exporters import safetensors_io as st
@@ -39,6 +41,8 @@ LOAD_PROMPT_FILES = (("chat", "mt-bench.jsonl"), ("code", "humaneval.jsonl"),
 LOAD_PROMPTS = 3
 LOAD_NEW_TOKENS = 16
 COUNT_KEYS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position")
+LOAD_FIX = ("pass --no-load to skip the real load in vLLM, or use a target and draft this vLLM "
+            "build supports")
 _TOKENIZER_ANY = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
@@ -75,23 +79,36 @@ def check_export(path: str | Path, target: str | Path | None = None, *, load: bo
         return check_tgi(path, target_path)
     report = CheckReport(path=path, format=manifest.method)
     if manifest.method == "eagle3":
-        from deepspec_plugin.exporters.eagle3 import check_vllm_eagle3
+        from deepspec_plugin.exporters.eagle3_rules import check_vllm_eagle3
 
         report.findings += check_vllm_eagle3(path, target_path).findings
         _common_rules(report, path, manifest, target_path, target_fingerprint)
         if load and report.ok and target_path is not None and _vllm_installed(report):
-            from deepspec_plugin.exporters.eagle3 import vllm_load_eagle3
+            from deepspec_plugin.exporters.eagle3_load import vllm_load_eagle3
 
             # No reference engine runs EAGLE-3: the check is that vLLM loads the head, drafts
             # with it, and its greedy output equals plain decoding.
-            report.load = vllm_load_eagle3(path, target_path, manifest.k or 1)
+            report.load = _vllm_load(vllm_load_eagle3, path, target_path, manifest.k or 1)
             report.add("vllm_load", report.load["equal"], report.load["summary"])
         return report
     _draft_model_rules(report, path, manifest, target_path, target_fingerprint)
     if load and report.ok and target_path is not None and _vllm_installed(report):
-        report.load = real_load(path, target_path, manifest.k or 1)
+        report.load = _vllm_load(real_load, path, target_path, manifest.k or 1)
         report.add("vllm_load", report.load["equal"], report.load["summary"])
     return report
+
+
+def _vllm_load(load, path: Path, target: Path, k: int) -> dict[str, Any]:
+    """``load(path, target, k)``; where vLLM cannot run the pair, vLLM's reason in one line with
+    the fixes the export commands have (the path may be an export's staging directory, so the
+    message does not name it)."""
+    from deepspec_plugin.bench.engines.vllm_failure import VLLMEngineError
+
+    try:
+        return load(path, target, k)
+    except VLLMEngineError as e:
+        raise e.replaced(context=f"loading the export with the target {target}",
+                         fix=LOAD_FIX) from None
 
 
 def _vllm_installed(report: CheckReport) -> bool:
@@ -146,7 +163,7 @@ def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None
         report.add("tokenizer_fingerprint", same_tok,
                    f"tokenizer {'equals' if same_tok else 'differs from'} the target's "
                    f"({_short(ttok)})")
-        ts, ds = models._special_tokens(target), models._special_tokens(path)
+        ts, ds = models.special_tokens(target), models.special_tokens(path)
         report.add("special_tokens", ts == ds, "special tokens equal the target's" if ts == ds
                    else f"special tokens differ: target {ts}, export {ds}")
 
@@ -154,11 +171,11 @@ def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None
 def _draft_model_rules(report: CheckReport, path: Path, manifest, target: Path | None,
                        target_fp: str | None = None) -> None:
     _common_rules(report, path, manifest, target, target_fp)
-    config = models._read_json(path / "config.json")
-    report.add("causal_lm", models._is_causal_lm(config),
+    config = read_json(path / "config.json")
+    report.add("causal_lm", models.is_causal_lm(config),
                f"architectures {config.get('architectures')}")
     if target is not None:
-        tcfg = models._read_json(target / "config.json")
+        tcfg = read_json(target / "config.json")
         tv, dv = tcfg.get("vocab_size"), config.get("vocab_size")
         report.add("vocab_size", tv == dv, f"vocab_size {dv}, target {tv}" + (
             "" if tv == dv else ": vLLM's draft_model needs them equal"))
@@ -200,7 +217,7 @@ def _draft_model_rules(report: CheckReport, path: Path, manifest, target: Path |
 def expected_tensors(path: Path) -> dict[str, tuple[int, ...]] | None:
     """Names and shapes the config's architecture has: computed for the Llama family (the
     drafts this project makes; no torch needed), else built by transformers on the meta device."""
-    config = models._read_json(Path(path) / "config.json")
+    config = read_json(Path(path) / "config.json")
     if config.get("model_type") in models.LLAMA_LIKE_MODEL_TYPES:
         return llama_tensors(config)
     import torch
@@ -267,11 +284,11 @@ def real_load(path: Path, target: Path, k: int, num_prompts: int = LOAD_PROMPTS,
         }))
         reports = {engine: evaluate(target, path, bench, engine, Path(tmp) / engine,
                                     progress=False) for engine in ("vllm", "reference")}
-    counts = {engine: {key: rep["overall"][0][key] for key in COUNT_KEYS}
+    counts = {engine: {key: getattr(rep.overall[0].counts, key) for key in COUNT_KEYS}
               for engine, rep in reports.items()}
     equal = counts["vllm"] == counts["reference"]
     v = counts["vllm"]
-    summary = (f"vLLM {reports['vllm']['engine'].get('vllm', '')} loaded the draft: "
+    summary = (f"vLLM {reports['vllm'].engine.get('vllm', '')} loaded the draft: "
                f"{v['num_accepted_tokens']}/{v['num_draft_tokens']} draft tokens accepted over "
                f"{v['num_drafts']} drafts (k={k}, {num_prompts} prompts, greedy)")
     summary += (", the same counts as the reference engine" if equal else

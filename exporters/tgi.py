@@ -29,6 +29,7 @@ from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import (
     DraftManifest,
     baseline_from_report,
+    report_model_mismatches,
     read_manifest,
     write_manifest,
 )
@@ -105,7 +106,9 @@ def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
                          "tokenizer files if they were copied from another model")
     target_fp = fingerprint(target)
     src_manifest, forced = _source_manifest(draft, target, target_fp, target_tok, force, notes)
-    baseline = _baseline(report, k, notes) if report is not None else None
+    source_fp = _source_fingerprint(draft)
+    baseline = (_baseline(report, k, target_fp, source_fp, force, forced, notes)
+                if report is not None else None)
 
     base_name = model_id or str(target.resolve())
     config = (_medusa_config(source, base_name) if fmt == heads.MEDUSA
@@ -127,7 +130,7 @@ def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
         extra={**(src_manifest.extra if src_manifest else {}), "export": {
             "engine": "tgi", "format": fmt,
             "target": {"path": str(target), "name_or_path": base_name, "fingerprint": target_fp},
-            "source": {"path": str(draft), "fingerprint": _source_fingerprint(draft)},
+            "source": {"path": str(draft), "fingerprint": source_fp},
             "forced": forced, "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "launcher": launch["args"], "notes": notes,
         }},
@@ -234,9 +237,17 @@ def _token_limits(tcfg: dict[str, Any], target: Path, max_input: int | None,
     return limits
 
 
-def _baseline(report: str | Path, k: int, notes: list[str]):
+def _baseline(report: str | Path, k: int, target_fp: str, source_fp: str, force: bool,
+              forced: list[str], notes: list[str]):
+    """The manifest's baseline: a complete report of this draft on this target (as the vLLM
+    export checks it)."""
     rep = load_report(report, require_complete=True)
     path = report_file(report)
+    for what, problem, fix in report_model_mismatches(rep, str(path), target_fp, source_fp):
+        if not force:
+            raise DspecError(problem, fix)
+        forced.append(what)
+        notes.append(f"forced: {problem}")
     baseline = baseline_from_report(rep, k=k, where=str(path))
     notes.append(f"baseline from {path}: k {baseline.k}, temperature {baseline.temperature:g}, "
                  f"acceptance rate {baseline.acceptance_rate:.3f}")

@@ -25,12 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from deepspec_plugin import models
+from deepspec_plugin import models, tensorfiles
+from deepspec_plugin.bench.report_schema import EvalReport, load_report
+from deepspec_plugin.fileio import read_json
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import (
     FILENAME,
     DraftManifest,
     baseline_from_report,
+    report_model_mismatches,
     read_manifest,
     write_manifest,
 )
@@ -84,8 +87,8 @@ def export_vllm(
     if out.resolve() in (draft.resolve(), target.resolve()):
         raise DspecError(f"--out {out} is the draft or the target directory",
                          "choose a new directory for the export")
-    tcfg = models._read_json(target / "config.json")
-    models._require_causal_lm(target, tcfg)
+    tcfg = read_json(target / "config.json")
+    models.require_causal_lm(target, tcfg)
 
     forced: list[str] = []
     target_fp = models.fingerprint(target)
@@ -108,12 +111,12 @@ def export_vllm(
         raise DspecError(f"{draft} is a {source.method} draft (its manifest says so), not {method}",
                          f"pass --method {source.method}")
 
-    k = int(k or (source.k if source and source.k else 0) or _report_k(report) or DEFAULT_K)
+    rep = load_report(report, require_complete=True) if report is not None else None
+    k = int(k or (source.k if source and source.k else 0) or _report_k(rep) or DEFAULT_K)
     if k < 1:
         raise DspecError(f"k must be at least 1, got {k}", "pass --k N with N >= 1")
     baseline, source_fp = None, None  # the draft is hashed only to match it with a report
-    if report is not None:
-        rep = _read_report(Path(report))
+    if rep is not None:
         source_fp = _fingerprint_or_none(draft)
         _check_report_models(rep, Path(report), source_fp, target_fp, force, forced)
         baseline = baseline_from_report(rep, k=k, where=str(report))
@@ -170,46 +173,19 @@ def _fingerprint_or_none(path: Path) -> str | None:
         return None
 
 
-def _read_report(path: Path) -> dict:
-    if path.is_dir():
-        path = path / "report.json"
-    try:
-        rep = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DspecError(f"eval report {path} does not exist",
-                         "pass the report.json written by dspec eval") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DspecError(f"eval report {path} is not valid JSON ({e})",
-                         "re-run dspec eval") from None
-    if not isinstance(rep, dict) or "overall" not in rep:
-        raise DspecError(f"{path} is not a dspec eval report", "pass the report.json of dspec eval")
-    if not rep.get("complete", True):
-        raise DspecError(f"eval report {path} is incomplete (the run was interrupted)",
-                         "finish the evaluation (rerun dspec eval) before exporting with it")
-    return rep
-
-
-def _report_k(report: str | Path | None) -> int | None:
-    if report is None:
+def _report_k(rep: EvalReport | None) -> int | None:
+    """The report's k where it measured only one."""
+    if rep is None:
         return None
-    ks = {e["k"] for e in _read_report(Path(report)).get("overall", [])}
+    ks = {e.k for e in rep.overall}
     return ks.pop() if len(ks) == 1 else None
 
 
-def _check_report_models(rep: dict, path: Path, draft_fp: str | None, target_fp: str,
+def _check_report_models(rep: EvalReport, path: Path, draft_fp: str | None, target_fp: str,
                          force: bool, forced: list[str]) -> None:
     """The baseline must have been measured on this draft with this target."""
-    measured = rep.get("models") or {}
-    rep_target = (measured.get("target") or {}).get("fingerprint")
-    if rep_target and rep_target != target_fp:
-        _refuse_unless_forced(force, forced, "report_target",
-                              f"report {path} was measured on another target ({rep_target}, "
-                              f"not {target_fp})", "evaluate the draft on this target, or --force")
-    rep_draft = (measured.get("draft") or {}).get("fingerprint")
-    if rep_draft and draft_fp and rep_draft != draft_fp:
-        _refuse_unless_forced(force, forced, "report_draft",
-                              f"report {path} was measured on another draft ({rep_draft}, not "
-                              f"{draft_fp})", "evaluate this draft (dspec eval), or --force")
+    for what, problem, fix in report_model_mismatches(rep, str(path), target_fp, draft_fp):
+        _refuse_unless_forced(force, forced, what, problem, fix)
 
 
 # --- draft_model ----------------------------------------------------------------------------
@@ -218,11 +194,11 @@ def _check_report_models(rep: dict, path: Path, draft_fp: str | None, target_fp:
 def plan_draft_model(draft: Path, target: Path, tcfg: dict, *, force: bool = False,
                      forced: list[str] | None = None) -> WeightPlan:
     """What to write for a standalone draft: its tensors (vocab rows resized) and config."""
-    dcfg = models._read_json(draft / "config.json")
-    models._require_causal_lm(draft, dcfg)
+    dcfg = read_json(draft / "config.json")
+    models.require_causal_lm(draft, dcfg)
     tensors = st.read_dir(draft) if list(draft.glob("*.safetensors")) else None
     if tensors is None:
-        models._refuse_missing_weights(draft)
+        tensorfiles.refuse_missing_weights(draft)
     tv, dv = int(tcfg["vocab_size"]), int(dcfg.get("vocab_size") or 0)
     notes = _check_tokenizers(draft, target, tv, dv, force, forced if forced is not None else [])
     resize = {}
@@ -277,7 +253,7 @@ def _check_tokenizers(draft: Path, target: Path, tv: int, dv: int, force: bool,
         return ["the draft had no tokenizer files; exported with --force and the target's"]
     if models.tokenizer_fingerprint(draft) == models.tokenizer_fingerprint(target):
         return []
-    t_ids, d_ids = models._id_to_token(target), models._id_to_token(draft)
+    t_ids, d_ids = models.id_to_token(target), models.id_to_token(draft)
     differing = [i for i in sorted(set(t_ids) & set(d_ids)) if t_ids[i] != d_ids[i]]
     extra = [i for i in t_ids if i not in d_ids]
     beyond = [i for i in sorted(d_ids) if i >= tv]
@@ -290,12 +266,12 @@ def _check_tokenizers(draft: Path, target: Path, tv: int, dv: int, force: bool,
             f"{shown})",
             "a draft must use its target's tokenizer: build it from the target (dspec models "
             "draft-init, dspec train), or choose the target this draft was trained for")
-    if models._tokenizer_table(target)["merges"] != models._tokenizer_table(draft)["merges"]:
+    if models.tokenizer_table(target)["merges"] != models.tokenizer_table(draft)["merges"]:
         raise DspecError("the draft's tokenizer has the same tokens as the target's but other BPE "
                          "merges, so the same text tokenizes differently",
                          "retokenise: train the draft with the target's tokenizer")
     note = "the draft's tokenizer files differ from the target's outside the token table "
-    note += f"({models._first_tokenizer_difference(target, draft)})"
+    note += f"({models.first_tokenizer_difference(target, draft)})"
     if extra:
         note += f"; the target defines {len(extra)} ids the draft's tokenizer lacks"
     return [note + "; the target's tokenizer files were written (vLLM drafts with them)"]

@@ -1,7 +1,8 @@
-"""EAGLE-3 heads from DeepSpec's layout into vLLM's (deepspec_plugin.exporters.eagle3), on the tiny target.
+"""EAGLE-3 heads from DeepSpec's layout into vLLM's (deepspec_plugin.exporters.eagle3), tiny target.
 
-The heads are built here from the tiny 4-layer Llama target (random weights in DeepSpec's
-``Qwen3Eagle3Model`` layout, nothing downloaded), converted into a staging directory, and checked:
+The heads are built by tests/eagle3_builders.py from the tiny 4-layer Llama target (random
+weights in DeepSpec's ``Qwen3Eagle3Model`` layout, nothing downloaded), converted into a staging
+directory, and checked:
 names, shapes, config keys, bytes equal to the source's, the check's rules, and refusals of
 broken sources and broken exports.
 
@@ -9,7 +10,8 @@ The conversion's meaning (which target hidden states feed the head, where its re
 what d2t holds) is proved with oracle heads (``build_oracle_eagle3``): heads whose proposals are
 known in advance, which a correct conversion makes vLLM accept often and a wrong one (aux layer
 ids not shifted by one, ``norm_before_residual`` flipped) clearly less. A fast test checks the
-oracle's premise in transformers; the slow tests run real vLLM (CPU).
+oracle's premise in transformers; the slow tests run real vLLM (CPU) through the project's vLLM
+runner (deepspec_plugin.exporters.eagle3_load on VLLMOfflineEngine).
 """
 
 from __future__ import annotations
@@ -21,23 +23,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+from eagle3_builders import build_deepspec_eagle3, build_oracle_eagle3, greedy_continuations
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import read_manifest
-from deepspec_plugin.models import fingerprint
 from deepspec_plugin.exporters import safetensors_io as st
-from deepspec_plugin.exporters.eagle3 import (
-    build_deepspec_eagle3,
-    build_oracle_eagle3,
-    check_vllm_eagle3,
+from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3, write_vllm_eagle3
+from deepspec_plugin.exporters.eagle3_load import (
     eagle3_prompt_ids,
-    greedy_continuations,
-    is_deepspec_eagle3,
     run_vllm_eagle3,
     vllm_load_eagle3,
-    write_vllm_eagle3,
 )
+from deepspec_plugin.exporters.eagle3_rules import check_vllm_eagle3
 from deepspec_plugin.exporters.output import copy_tokenizer_files
+from deepspec_plugin.manifest import read_manifest
+from deepspec_plugin.models import fingerprint
 
 HIDDEN, VOCAB, REDUCED = 128, 512, 256
 ORACLE_MIN_RATE = 0.7  # accepted tokens per draft, right conversion (vLLM 0.32 measured 0.86)

@@ -374,7 +374,7 @@ def _entry(category, k, rate, length, positions, temperature=0.0, batch_size=1):
     }
 
 
-def _report() -> dict:
+def _report(target_fp: str = "sha256:t", draft_fp: str = "sha256:d") -> dict:
     results, overall = [], []
     for k in (2, 3):
         results += [_entry("chat", k, 0.5, 2.0, [0.6, 0.4, 0.3][:k]),
@@ -383,14 +383,19 @@ def _report() -> dict:
     return {
         "schema": "deepspec-bench/v1", "created": "2026-01-01T00:00:00+00:00",
         "complete": True, "bench": {"name": "quick"}, "engine": {"name": "reference"},
-        "models": {"target": {"fingerprint": "sha256:t"}, "draft": {"fingerprint": "sha256:d"}},
+        "models": {"target": {"fingerprint": target_fp}, "draft": {"fingerprint": draft_fp}},
         "results": results, "overall": overall,
     }
 
 
+def _measured(tiny, sources) -> dict:
+    """A report measured on this target and the MLP speculator, as the export checks."""
+    return _report(fingerprint(tiny.target), fingerprint(sources["mlp"]))
+
+
 def test_baseline_from_report(tiny, sources, tmp_path):
     report = tmp_path / "report.json"
-    report.write_text(json.dumps(_report()))
+    report.write_text(json.dumps(_measured(tiny, sources)))
     res = export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2, report=report)
     baseline = read_manifest(res.out).baseline
     assert baseline is not None and baseline.k == 2 and baseline.temperature == 0.0
@@ -400,13 +405,28 @@ def test_baseline_from_report(tiny, sources, tmp_path):
     assert baseline.categories["chat"]["per_position"] == [0.6, 0.4]
     assert baseline.report["bench"] == "quick"
 
-    bad = _report()
+    bad = _measured(tiny, sources)
     bad["results"] = [e for e in bad["results"] if e["k"] == 3]
     bad["overall"] = [e for e in bad["overall"] if e["k"] == 3]
     report.write_text(json.dumps(bad))
     with pytest.raises(DspecError, match="no results at k = 2"):
         export_tgi(sources["mlp"], tiny.target, tmp_path / "out2", speculate=2, report=report)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_report_of_another_target_or_draft_is_refused_then_forced(tiny, sources, tmp_path):
+    """The same rule as the vLLM export's: a baseline is this draft's, on this target."""
+    report = tmp_path / "report.json"
+    for other, what in ((_report(draft_fp=_measured(tiny, sources)["models"]["draft"]
+                                 ["fingerprint"]), "another target"),
+                        (_report(target_fp=fingerprint(tiny.target)), "another draft")):
+        report.write_text(json.dumps(other))
+        with pytest.raises(DspecError, match=f"was measured on {what}"):
+            export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2, report=report)
+        assert not (tmp_path / "out").exists()
+    res = export_tgi(sources["mlp"], tiny.target, tmp_path / "out", speculate=2, report=report,
+                     force=True)
+    assert read_manifest(res.out).extra["export"]["forced"] == ["report_draft"]
 
 
 @pytest.mark.parametrize("partial, why", [

@@ -67,7 +67,7 @@ def reference_report(tiny, mini_bench, tmp_path_factory) -> dict:
     from deepspec_plugin.bench.run import evaluate
 
     return evaluate(tiny.target, tiny.draft, bench=mini_bench, engine="reference",
-                    out=tmp_path_factory.mktemp("reference"), progress=False)
+                    out=tmp_path_factory.mktemp("reference"), progress=False).to_dict()
 
 
 def _counts(entry: dict) -> dict:
@@ -231,7 +231,8 @@ def test_endpoint_engine_against_real_vllm_server(tiny, mini_bench, reference_re
         try:
             before = _server_counters(url)
             report = evaluate(tiny.target, None, bench=mini_bench, engine="endpoint",
-                              out=tmp_path / "endpoint", endpoint=url, progress=False)
+                              out=tmp_path / "endpoint", endpoint=url,
+                              progress=False).to_dict()
             after = _server_counters(url)
         except BaseException:
             print(f"vLLM server log ({log_path}):\n{_log_tail(log_path)}")
@@ -268,7 +269,7 @@ def test_vllm_engine_through_harness_matches_reference(tiny, mini_bench, referen
     from deepspec_plugin.bench.run import evaluate
 
     report = evaluate(tiny.target, tiny.draft, bench=mini_bench, engine="vllm",
-                      out=tmp_path / "vllm", progress=False)
+                      out=tmp_path / "vllm", progress=False).to_dict()
 
     assert report["complete"] is True and report["interrupted"] is False
     assert report["engine"]["name"] == "vllm" and report["engine"]["vllm"]

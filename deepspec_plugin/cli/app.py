@@ -7,7 +7,6 @@ bug and keeps its traceback.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -264,12 +263,13 @@ def train_command(
     NCCL on GPU; --batch-size is per process).
     """
     from deepspec_plugin.models import resolve_model
-    from deepspec_plugin.train.trainer import train
+    from deepspec_plugin.train.config import TrainConfig
+    from deepspec_plugin.train.trainer import train_with_config
 
-    result = train(
-        resolve_model(target),
-        data,
-        out,
+    config = TrainConfig(
+        target=resolve_model(target),
+        data=data,
+        out=out,
         draft_init=draft_init,
         loss=loss,
         steps=steps,
@@ -291,6 +291,7 @@ def train_command(
         parallel=parallel,
         precision=precision,
     )
+    result = train_with_config(config)
     if os.environ.get("RANK", "0") != "0":
         return
     console.print(

@@ -3,15 +3,21 @@
 vLLM spawns processes (its engine core) and wants its caller's main module guarded, so the harness
 never imports it: a worker, ``python -m deepspec_plugin.bench.engines.vllm_offline``, holds the
 ``LLM`` instances and speaks JSON lines over stdin/stdout (one request, one answer). Everything the
-worker or vLLM prints goes to a log file in a temp dir (its tail comes with any failure; set
+worker or vLLM prints goes to a log file in a temp dir (``log_text()`` reads it; set
 ``DSPEC_KEEP_VLLM_LOG=1`` to keep it after close); closing the engine ends the worker's whole
-process group.
+process group and removes the temp dir.
 
 The worker keeps at most two instances: one without speculation (the baseline, k=None) and one
-with ``speculative_config={"method": "draft_model", "model": DRAFT, "num_speculative_tokens": k}``
-for the current k, each created on first use; a new k closes the previous speculative instance.
-An instance is created with ``max_num_seqs`` = the batch size (at least 4) and recreated if a
-larger batch comes.
+with ``speculative_config={"method": METHOD, "model": DRAFT, "num_speculative_tokens": k}`` for
+the current k, each created on first use; a new k, or a new draft (``set_draft``), closes the
+previous speculative instance. ``method`` is ``draft_model`` (a standalone draft model) or
+``eagle3`` (an EAGLE-3 head exported for vLLM). An instance is created with ``max_num_seqs`` =
+the batch size (at least 4) and recreated if a larger batch comes.
+
+Failures: where vLLM cannot start or run the models (a model it has no kernel for, a config it
+refuses), or the worker dies or stops answering, the engine ends the worker and raises a
+:class:`~deepspec_plugin.bench.engines.vllm_failure.VLLMEngineError`: one line with vLLM's own
+reason (found in the exception chain or in the worker's log) and a fix.
 
 Prompts go in as token ids, with ``SamplingParams(temperature, max_tokens, seed, stop_token_ids,
 ignore_eos=True, detokenize=False)``: ``ignore_eos`` so that a request stops at exactly
@@ -48,11 +54,16 @@ import time
 from pathlib import Path
 
 from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
+from deepspec_plugin.bench.engines.vllm_failure import VLLMEngineError, chain_reason, failure_reason
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.metrics import SpecCounts
 
 INSTALL_FIX = "install it with pip install 'deepspec-plugin[vllm]' (or run scripts/setup.sh)"
 MIN_NUM_SEQS = 4
+SPEC_METHODS = ("draft_model", "eagle3")
+GROUP_EXIT_S = 15.0  # how long vLLM's processes get to end by themselves after the worker
+IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1: the longest socket path ZMQ binds
+IPC_NAME_CHARS = 37  # "/" and a uuid4: the name vLLM gives each socket
 
 
 def require_vllm() -> None:
@@ -79,7 +90,8 @@ def counts_from_histogram(histogram: list[int], num_draft_tokens: int) -> SpecCo
 
 
 class VLLMOfflineEngine(Engine):
-    """A target (and optional draft) served by vLLM's offline LLM in a worker process."""
+    """A target (and optional draft or EAGLE-3 head) served by vLLM's offline LLM in a worker
+    process."""
 
     name = "vllm"
     per_request_counts = True
@@ -89,6 +101,7 @@ class VLLMOfflineEngine(Engine):
         target: Path,
         draft: Path | None = None,
         *,
+        method: str = "draft_model",
         dtype: str = "float32",
         max_model_len: int | None = None,
         max_num_seqs: int | None = None,
@@ -100,15 +113,13 @@ class VLLMOfflineEngine(Engine):
         require_vllm()
         self.target = Path(target)
         self.draft = Path(draft) if draft is not None else None
+        self.method = _spec_method(method)
         for p in (self.target, self.draft):
-            if p is not None and not (p / "config.json").is_file():
-                raise DspecError(
-                    f"{p} is not a model directory (no config.json)",
-                    "pass a Hugging Face model directory",
-                )
+            _require_model_dir(p)
         self.options = {
             "target": str(self.target),
             "draft": str(self.draft) if self.draft else None,
+            "method": self.method,
             "dtype": dtype,
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
@@ -132,6 +143,12 @@ class VLLMOfflineEngine(Engine):
         self._tmp = Path(tempfile.mkdtemp(prefix="dspec-vllm-"))
         self._log_path = self._tmp / "vllm-worker.log"
         env = dict(os.environ)
+        # vLLM's ZMQ sockets go here too, so that close removes them even where vLLM dies
+        # without cleaning up; only where the socket paths stay short enough to bind.
+        ipc = self._tmp / "ipc"
+        if len(str(ipc)) + IPC_NAME_CHARS <= IPC_PATH_MAX:
+            ipc.mkdir()
+            env.setdefault("VLLM_RPC_BASE_PATH", str(ipc))
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_space_gib))
         env.setdefault("VLLM_CACHE_ROOT", str(self._tmp / "vllm-cache"))
         env.setdefault("HF_HUB_OFFLINE", "1")
@@ -155,9 +172,12 @@ class VLLMOfflineEngine(Engine):
             self._proc.stdin.write((json.dumps(message) + "\n").encode())
             self._proc.stdin.flush()
         except BrokenPipeError:
-            self._fail("the vLLM worker exited")
+            self._fail(self._exit_status())
         answer = self._read_answer()
         if not answer.get("ok"):
+            if answer.get("engine_error"):  # vLLM failed; the worker still answers, so it can
+                # shut vLLM's processes down properly
+                self._fail("failed", answer.get("reason"), graceful=True)
             if answer.get("user_error"):
                 raise DspecError(answer["error"], answer.get("fix"))
             raise RuntimeError(
@@ -172,29 +192,46 @@ class VLLMOfflineEngine(Engine):
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._fail(f"the vLLM worker did not answer within {self.request_timeout_s:.0f} s")
+                self._fail(f"ran past {self.request_timeout_s:.0f} s")
             ready, _, _ = select.select([fd], [], [], min(left, 1.0))
             if ready:
                 chunk = os.read(fd, 1 << 16)
                 if not chunk:
-                    self._fail("the vLLM worker exited")
+                    self._fail(self._exit_status())
                 self._buffer += chunk
             elif self._proc.poll() is not None:
-                self._fail("the vLLM worker exited")
+                self._fail(self._exit_status())
         line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
-    def _log_tail(self, lines: int = 30) -> str:
+    def _exit_status(self) -> str:
+        assert self._proc is not None
         try:
-            text = self._log_path.read_text(errors="replace") if self._log_path else ""
+            rc = self._proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "closed its pipe"
+        return f"exited with status {rc}"
+
+    def log_text(self) -> str:
+        """Everything the worker and vLLM have logged so far ("" before the start or after
+        close)."""
+        if self._log_file is not None:
+            self._log_file.flush()
+        try:
+            return self._log_path.read_text(errors="replace") if self._log_path else ""
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
 
-    def _fail(self, what: str):
-        tail = self._log_tail()
-        self.close()
-        raise RuntimeError(f"{what}; last lines of its log:\n{tail}")
+    def _context(self) -> str:
+        if self.draft is None:
+            return f"running the target {self.target}"
+        return f"running the target {self.target} with the {self.method} draft {self.draft}"
+
+    def _fail(self, what: str, worker_reason: str | None = None, graceful: bool = False):
+        """End the worker and raise vLLM's reason for ``what`` as one line."""
+        reason = failure_reason(self.log_text(), worker_reason)
+        self._stop(graceful)
+        raise VLLMEngineError(what, reason, self._context())
 
     # --- the Engine interface ----------------------------------------------------------------
 
@@ -242,6 +279,17 @@ class VLLMOfflineEngine(Engine):
             target_step_s=answer.get("decode_step_s") if cfg.k is None else None,
         )
 
+    def set_draft(self, draft: Path, method: str | None = None) -> None:
+        """Speculate with ``draft`` (and ``method``, default the current one) from the next
+        speculative batch on; the baseline instance stays loaded."""
+        draft, method = Path(draft), _spec_method(method or self.method)
+        _require_model_dir(draft)
+        self.draft, self.method = draft, method
+        self.options.update(draft=str(draft), method=method)
+        self._describe = None
+        if self._proc is not None:
+            self._send({"op": "set_draft", "draft": str(draft), "method": method})
+
     def describe(self) -> dict:
         if self._describe is None:
             self._describe = self._send({"op": "describe"})["info"]
@@ -254,13 +302,22 @@ class VLLMOfflineEngine(Engine):
         }
 
     def close(self) -> None:
+        self._stop(graceful=True)
+
+    def _stop(self, graceful: bool) -> None:
+        """End the worker (asking it to shut vLLM down first where ``graceful``), then its whole
+        process group; remove the temp dir."""
         proc, self._proc = self._proc, None
+        self._buffer = b""
         if proc is not None:
             try:
-                if proc.poll() is None and proc.stdin is not None:
+                if graceful and proc.poll() is None and proc.stdin is not None:
                     proc.stdin.write(b'{"op": "close"}\n')
                     proc.stdin.flush()
                     proc.wait(timeout=30)
+                    # vLLM's processes (and Python's resource tracker, which removes shared
+                    # memory a dead engine left) finish on their own once the worker is gone.
+                    _wait_for_group(proc.pid, GROUP_EXIT_S)
             except (OSError, subprocess.TimeoutExpired):
                 pass
             try:
@@ -278,6 +335,7 @@ class VLLMOfflineEngine(Engine):
             keep = os.environ.get("DSPEC_KEEP_VLLM_LOG")
             if not keep:
                 shutil.rmtree(self._tmp, ignore_errors=True)
+                self._log_path = None
             self._tmp = None
 
     def __del__(self):
@@ -287,7 +345,52 @@ class VLLMOfflineEngine(Engine):
             pass
 
 
+def _wait_for_group(pgid: int, timeout_s: float) -> None:
+    """Wait until no live (non-zombie) process is left in process group ``pgid``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: ask the kernel (zombies count as alive there)
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def _spec_method(method: str) -> str:
+    if method not in SPEC_METHODS:
+        raise DspecError(f"unknown vLLM speculative method {method!r}",
+                         f"use one of {', '.join(SPEC_METHODS)}")
+    return method
+
+
+def _require_model_dir(path: Path | None) -> None:
+    if path is not None and not (Path(path) / "config.json").is_file():
+        raise DspecError(
+            f"{path} is not a model directory (no config.json)",
+            "pass a Hugging Face model directory",
+        )
+
+
 # --- the worker (runs in its own process; imports vLLM) ----------------------------------------
+
+
+class EngineFailure(Exception):
+    """vLLM raised while starting or running (not a bug of the worker): reported as
+    ``engine_error`` with vLLM's reason."""
 
 
 class _Worker:
@@ -320,12 +423,15 @@ class _Worker:
             kwargs["max_model_len"] = o["max_model_len"]
         if k is not None:
             kwargs["speculative_config"] = {
-                "method": "draft_model",
+                "method": o["method"],
                 "model": o["draft"],
                 "num_speculative_tokens": int(k),
             }
             kwargs["per_request_spec_decode_metrics"] = "summary"
-        return LLM(**kwargs)
+        try:
+            return LLM(**kwargs)
+        except Exception as exc:
+            raise EngineFailure() from exc
 
     @staticmethod
     def _shutdown(llm) -> None:
@@ -333,6 +439,12 @@ class _Worker:
             llm.llm_engine.engine_core.shutdown()
         except Exception:
             pass
+
+    def set_draft(self, req: dict) -> dict:
+        self.options.update(draft=req["draft"], method=req["method"])
+        for key in [key for key in self.instances if key is not None]:
+            self._shutdown(self.instances.pop(key)[0])
+        return {"ok": True}
 
     def instance(self, k: int | None, batch: int):
         wanted = max(batch, self.options["max_num_seqs"] or MIN_NUM_SEQS)
@@ -369,7 +481,10 @@ class _Worker:
         prompts = [TokensPrompt(prompt_token_ids=p) for p in req["prompts"]]
         before = _metric_counts(llm) if k is not None else None
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:
+            raise EngineFailure() from exc
         elapsed = time.perf_counter() - start
         after = _metric_counts(llm) if k is not None else None
 
@@ -415,7 +530,7 @@ class _Worker:
                 if self.options["enforce_eager"] is not None
                 else current_platform.is_cpu(),
                 "kv_cache_space_gib": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
-                "spec_method": "draft_model",
+                "spec_method": self.options["method"],
             },
         }
 
@@ -469,11 +584,22 @@ def _worker_main() -> None:
                 answer = {"ok": False, "error": "the worker got a request before init"}
             elif op == "generate":
                 answer = worker.generate(req)
+            elif op == "set_draft":
+                answer = worker.set_draft(req)
             elif op == "describe":
                 answer = worker.describe()
             else:
                 answer = {"ok": False, "error": f"unknown op {op!r}"}
-        except Exception as exc:  # reported to the parent, which raises it there
+        except EngineFailure as exc:  # vLLM's own failure: its reason, for one line in the parent
+            traceback.print_exc()
+            cause = exc.__cause__
+            answer = {
+                "ok": False,
+                "engine_error": True,
+                "error": f"{type(cause).__name__}: {cause}",
+                "reason": chain_reason(cause) if cause is not None else None,
+            }
+        except Exception as exc:  # a bug: reported to the parent, which raises it there
             traceback.print_exc()
             answer = {
                 "ok": False,

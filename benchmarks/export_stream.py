@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from deepspec_plugin.models import reference_target
     from deepspec_plugin.exporters.safetensors_io import read_dir
+    from deepspec_plugin.models import reference_target
 
     target = reference_target()
     vocab = json.loads((target / "config.json").read_text())["vocab_size"]

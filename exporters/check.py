@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin import models
-from deepspec_plugin.fileio import read_json
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import FILENAME, read_manifest
 from deepspec_plugin.exporters import safetensors_io as st
 from deepspec_plugin.exporters.findings import CheckReport
 from deepspec_plugin.exporters.serving import SERVING_DIR, VLLM_FILES
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.manifest import FILENAME, read_manifest
 
 LOAD_PROMPT_FILES = (("chat", "mt-bench.jsonl"), ("code", "humaneval.jsonl"),
                      ("math", "gsm8k.jsonl"))

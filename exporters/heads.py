@@ -13,8 +13,8 @@ hidden state. Two layouts are read here, as their training tools write them:
   ``scale_input``; tensors ``emb.{i}.weight``, ``proj.{i}.weight``, ``head.{i}.weight``,
   ``ln.{i}.weight|bias``, with or without the ``speculator.`` prefix.
 
-Reading only looks at safetensors headers (:mod:`deepspec_plugin.exporters.safetensors_io`): an exporter then
-streams the bytes it needs. Pickle weights are refused, never loaded.
+Reading only looks at safetensors headers (:mod:`deepspec_plugin.tensorfiles`): an exporter
+then streams the bytes it needs. Pickle weights are refused, never loaded.
 
 ``build_medusa`` and ``build_mlp_speculator`` write small random head drafts sized from a target's
 config, with its tokenizer files and a ``deepspec.json``: stand-ins for trained heads, for tests
@@ -29,9 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
+from deepspec_plugin.exporters.safetensors_io import (
+    StoredTensor,
+    read_dir,
+    read_tensors,
+    same_bytes,
+)
 from deepspec_plugin.fileio import read_json
 from deepspec_plugin.tensorfiles import PICKLE_SUFFIXES
-from deepspec_plugin.exporters.safetensors_io import StoredTensor, read_dir, read_tensors, same_bytes
 
 MEDUSA = "medusa"
 MLP_SPECULATOR = "mlp_speculator"
@@ -284,8 +289,8 @@ def build_medusa(target: str | Path, out: str | Path, num_heads: int = 3, num_la
     import torch
     from safetensors.torch import save_file
 
-    from deepspec_plugin.manifest import write_manifest
     from deepspec_plugin.exporters.output import copy_tokenizer_files, staged_output
+    from deepspec_plugin.manifest import write_manifest
 
     target, out = Path(target), Path(out)
     hidden, vocab = _target_dims(target)
@@ -320,8 +325,8 @@ def build_mlp_speculator(target: str | Path, out: str | Path, n_predict: int = 3
     import torch
     from safetensors.torch import save_file
 
-    from deepspec_plugin.manifest import write_manifest
     from deepspec_plugin.exporters.output import copy_tokenizer_files, staged_output
+    from deepspec_plugin.manifest import write_manifest
 
     target, out = Path(target), Path(out)
     hidden, vocab = _target_dims(target)

@@ -2,8 +2,8 @@
 
 TGI (Text Generation Inference) speculates only with Medusa heads, an MLP speculator, or n-gram
 lookups: it cannot run a standalone draft model, so one is refused with that reason and the
-alternative. The export directory holds what TGI's loader reads (see :mod:`deepspec_plugin.exporters.tgi_rules`,
-where every rule names its source in TGI):
+alternative. The export directory holds what TGI's loader reads (see
+:mod:`deepspec_plugin.exporters.tgi_rules`, where every rule names its source in TGI):
 
 - Medusa: ``medusa_lm_head.safetensors`` with unprefixed names and a ``config.json`` without
   ``architectures``; MLP speculator: ``model.safetensors`` under ``speculator.``, tied weights;
@@ -26,19 +26,6 @@ from typing import Any
 
 from deepspec_plugin.bench.report_schema import load_report, report_file
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import (
-    DraftManifest,
-    baseline_from_report,
-    report_model_mismatches,
-    read_manifest,
-    write_manifest,
-)
-from deepspec_plugin.fileio import read_json
-from deepspec_plugin.models import (
-    config_and_weights_fingerprint,
-    fingerprint,
-    tokenizer_fingerprint,
-)
 from deepspec_plugin.exporters import heads
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
@@ -52,6 +39,19 @@ from deepspec_plugin.exporters.tgi_rules import (
     check_tgi,
     medusa_shapes,
     mlp_tied_shapes,
+)
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.manifest import (
+    DraftManifest,
+    baseline_from_report,
+    read_manifest,
+    report_model_mismatches,
+    write_manifest,
+)
+from deepspec_plugin.models import (
+    config_and_weights_fingerprint,
+    fingerprint,
+    tokenizer_fingerprint,
 )
 
 LAUNCHER_SCRIPT = "serving_configs/tgi-launcher.sh"

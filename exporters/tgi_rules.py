@@ -18,9 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.models import PICKLE_SUFFIXES
 from deepspec_plugin.exporters.findings import CheckReport
-from deepspec_plugin.exporters.safetensors_io import FLOAT_DTYPES, StoredTensor, read_dir, read_tensors
+from deepspec_plugin.exporters.safetensors_io import (
+    FLOAT_DTYPES,
+    StoredTensor,
+    read_dir,
+    read_tensors,
+)
+from deepspec_plugin.models import PICKLE_SUFFIXES
 
 MEDUSA = "medusa"
 MLP_SPECULATOR = "mlp_speculator"

@@ -8,13 +8,15 @@ Two methods:
   and target differ only by padding rows of the vocabulary, the embedding and head are padded (or
   cut back to unused rows) to the target's size, and the export says so. Where the tokenizers
   truly differ the export is refused, naming the first differing tokens.
-* ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by :mod:`deepspec_plugin.exporters.eagle3`.
+* ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by
+  :mod:`deepspec_plugin.exporters.eagle3`.
 
 Beside the weights: ``deepspec.json`` (the draft manifest: the target's and tokenizer's
 fingerprints, method, k, the baseline acceptance from ``--report``, and the draft's training
-record carried over) and ``serving_configs/`` (:mod:`deepspec_plugin.exporters.serving`). Everything is written
-into a staging directory, checked (:func:`deepspec_plugin.exporters.check.check_export`, with a real vLLM load
-where vLLM is installed) and only then renamed to ``out``.
+record carried over) and ``serving_configs/`` (:mod:`deepspec_plugin.exporters.serving`).
+Everything is written into a staging directory, checked
+(:func:`deepspec_plugin.exporters.check.check_export`, with a real vLLM load where vLLM is
+installed) and only then renamed to ``out``.
 """
 
 from __future__ import annotations
@@ -27,20 +29,20 @@ from typing import Any
 
 from deepspec_plugin import models, tensorfiles
 from deepspec_plugin.bench.report_schema import EvalReport, load_report
-from deepspec_plugin.fileio import read_json
 from deepspec_plugin.errors import DspecError
-from deepspec_plugin.manifest import (
-    FILENAME,
-    DraftManifest,
-    baseline_from_report,
-    report_model_mismatches,
-    read_manifest,
-    write_manifest,
-)
 from deepspec_plugin.exporters import safetensors_io as st
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
 from deepspec_plugin.exporters.serving import SERVING_DIR, write_vllm_configs
+from deepspec_plugin.fileio import read_json
+from deepspec_plugin.manifest import (
+    FILENAME,
+    DraftManifest,
+    baseline_from_report,
+    read_manifest,
+    report_model_mismatches,
+    write_manifest,
+)
 
 METHODS = ("draft_model", "eagle3")
 DEFAULT_K = 4

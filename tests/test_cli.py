@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from local_http import free_port
 
 DSPEC = [sys.executable, "-m", "deepspec_plugin.cli"]
 
@@ -114,14 +114,8 @@ def test_prompt_file_with_a_broken_line(tiny, tmp_path):
     assert_clean_error(proc, "mine.jsonl", "line 3")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_endpoint_that_is_down(tiny, tmp_path):
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     proc = dspec(
         "eval",
         "--engine",

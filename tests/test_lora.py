@@ -25,16 +25,11 @@ SPEC = "r=4,alpha=8"
 
 
 @pytest.fixture(scope="module")
-def data(train_data) -> Path:
-    return train_data
-
-
-@pytest.fixture(scope="module")
-def lora_run(tiny, data, tmp_path_factory):
+def lora_run(tiny, train_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora-runs") / "main"
     result = train(
         tiny.target,
-        data,
+        train_data,
         out,
         draft_init="layers:1",
         loss="tvd",
@@ -104,7 +99,7 @@ def test_bad_specs_are_refused(spec, why):
     assert "r=R[,alpha=A][,targets=NAME+NAME...]" in str(e.value)  # the valid form
 
 
-def test_absent_target_module_is_refused_with_the_models_names(tiny, data, tmp_path):
+def test_absent_target_module_is_refused_with_the_models_names(tiny, train_data, tmp_path):
     from deepspec_plugin.models import load_causal_lm
 
     with pytest.raises(DspecError, match="c_attn not in the model.*q_proj.*up_proj"):
@@ -112,10 +107,10 @@ def test_absent_target_module_is_refused_with_the_models_names(tiny, data, tmp_p
     out = tmp_path / "run"
     with pytest.raises(DspecError, match="c_attn not in the model.*down_proj"):
         lora = "r=2,targets=c_attn"
-        train(tiny.target, data, out, draft_init="layers:1", steps=2, lora=lora, **QUICK)
+        train(tiny.target, train_data, out, draft_init="layers:1", steps=2, lora=lora, **QUICK)
     assert not out.exists()  # refused before anything is left behind
     with pytest.raises(DspecError, match="invalid LoRA spec"):
-        train(tiny.target, data, out, draft_init="layers:1", steps=2, lora="r=-2", **QUICK)
+        train(tiny.target, train_data, out, draft_init="layers:1", steps=2, lora="r=-2", **QUICK)
     assert not out.exists()
 
 
@@ -205,19 +200,21 @@ def test_manifest_records_the_lora_spec(tiny, lora_run):
     assert m["target_fingerprint"] == fingerprint(tiny.target) and m["steps"] == 30
 
 
-def test_lora_resume_is_exact_and_refuses_another_spec(tiny, data, tmp_path):
+def test_lora_resume_is_exact_and_refuses_another_spec(tiny, train_data, tmp_path):
     import torch
 
     settings = dict(draft_init="layers:1", loss="tvd", steps=6, lr=1e-2, eval_every=3, **QUICK)
-    straight = train(tiny.target, data, tmp_path / "s", save_every=100, lora=SPEC, **settings)
+    straight = train(tiny.target, train_data, tmp_path / "s", save_every=100, lora=SPEC, **settings)
     out = tmp_path / "r"
-    stopped = train(tiny.target, data, out, save_every=100, stop_at=3, lora=SPEC, **settings)
+    stopped = train(tiny.target, train_data, out, save_every=100, stop_at=3, lora=SPEC, **settings)
     assert stopped.draft is None
     with pytest.raises(DspecError, match=r"another run.*lora"):
-        train(tiny.target, data, out, resume=True, lora="r=8", save_every=100, **settings)
+        train(tiny.target, train_data, out, resume=True, lora="r=8", save_every=100, **settings)
     with pytest.raises(DspecError, match=r"another run.*lora"):
-        train(tiny.target, data, out, resume=True, save_every=100, **settings)  # full fine-tuning
-    resumed = train(tiny.target, data, out, resume=True, lora=SPEC, save_every=100, **settings)
+        # full fine-tuning
+        train(tiny.target, train_data, out, resume=True, save_every=100, **settings)
+    resumed = train(tiny.target, train_data, out, resume=True, lora=SPEC, save_every=100,
+                    **settings)
     assert resumed.steps == 6
     for sub in ("draft", "adapter"):
         a, b = _weights(tmp_path / "s" / sub), _weights(out / sub)
@@ -228,10 +225,11 @@ def test_lora_resume_is_exact_and_refuses_another_spec(tiny, data, tmp_path):
         assert x["acceptance"] == pytest.approx(y["acceptance"], abs=1e-6)
 
 
-def test_cli_train_with_lora(tiny, data, tmp_path):
+def test_cli_train_with_lora(tiny, train_data, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, "-m", "deepspec_plugin.cli", "train", "--target", str(tiny.target)]
-    cmd += ["--data", str(data), "--out", str(out), "--draft-init", "layers:1", "--steps", "4"]
+    cmd += ["--data", str(train_data), "--out", str(out), "--draft-init", "layers:1",
+            "--steps", "4"]
     cmd += ["--batch-size", "2", "--eval-every", "2", "--lora", "r=4,alpha=8"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -23,17 +23,16 @@ started in its own session and stopped by its PID. About 3-4 minutes, most of it
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_vllm_real import _free_port, _log_tail, _stop, vllm_server
+from local_http import free_port
+from real_servers import log_tail, needs_vllm, started, vllm_server
 
 from deepspec_plugin import metrics
 from deepspec_plugin.bench import promparse
@@ -49,8 +48,6 @@ PROMETHEUS_READY_TIMEOUT_S = 60.0
 ALERT_TIMEOUT_S = 60.0
 PUBLISH_INTERVAL_S = 1.0  # exposition.MultiprocessPublisher's
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed (scripts/setup.sh installs it)")
 # Skipped without Prometheus, except in CI (DSPEC_REQUIRE_TOOLS=1), where the test then fails.
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None and os.environ.get("DSPEC_REQUIRE_TOOLS") != "1",
@@ -115,46 +112,28 @@ def prometheus_server(workdir: Path, scrape_port: int, rules: Path):
     if shutil.which("prometheus") is None:
         pytest.fail("Prometheus is not installed, and DSPEC_REQUIRE_TOOLS=1 requires it "
                     "(scripts/setup.sh installs Debian's prometheus as root)")
-    port = _free_port()
+    port = free_port()
     config = workdir / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         f"rule_files: [{json.dumps(str(rules))}]\n"
         "scrape_configs:\n"
         f"  - job_name: vllm\n    static_configs: [{{targets: ['127.0.0.1:{scrape_port}']}}]\n")
-    log_path = workdir / "prometheus.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
-    try:
-        _wait(lambda: _get_ok(f"{url}/-/ready"), PROMETHEUS_READY_TIMEOUT_S,
-              lambda: f"Prometheus was not ready; its log:\n{_log_tail(log_path)}", proc)
+    cmd = ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+           f"--web.listen-address=127.0.0.1:{port}"]
+    with started(cmd, workdir / "prometheus.log", f"{url}/-/ready", cwd=workdir,
+                 what="Prometheus", timeout_s=PROMETHEUS_READY_TIMEOUT_S):
         yield url
-    finally:
-        _stop(proc)
 
 
-def _get_ok(url: str) -> bool:
-    import requests
-
-    try:
-        return requests.get(url, timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def _wait(ready, timeout_s: float, why, proc=None, every_s: float = 0.5):
+def _wait(ready, timeout_s: float, why, every_s: float = 0.5):
     """Poll ``ready()`` until it returns something truthy; fail with ``why()`` at the deadline."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = ready()
         if value:
             return value
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"exited with {proc.returncode}: {why()}")
         if time.monotonic() > deadline:
             pytest.fail(f"after {timeout_s:.0f} s: {why()}")
         time.sleep(every_s)
@@ -237,14 +216,14 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
     baseline = read_manifest(exported).baseline
     assert baseline is not None and 0.2 < baseline.acceptance_rate < 0.8
     prompts = _prompts(bench)
-    port = _free_port()
+    port = free_port()
     # The tiny models' full context: the reference engine measured the baseline on whole prompts.
     served = ("--served-model-name", MODEL_NAME, "--max-model-len", "1024")
 
     with prometheus_server(tmp_path, port, ALERTS_PATH) as prom:
         # --- phase 1: the target the draft was made for ------------------------------------
         # Two data-parallel engines: the engine label.
-        with vllm_server(models.target, exported, tmp_path, port=port,
+        with vllm_server(tmp_path, target=models.target, draft=exported, port=port,
                          extra_args=(*served, "--data-parallel-size", str(ENGINES)),
                          log_name="phase1.log") as (url, log):
             start = _scrape(url)
@@ -304,7 +283,7 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
 
         # --- phase 2: the target was updated, the draft was not -----------------------------
         # Two API-server processes: vLLM's multi-process metrics (PROMETHEUS_MULTIPROC_DIR).
-        with vllm_server(models.target_updated, exported, tmp_path, port=port,
+        with vllm_server(tmp_path, target=models.target_updated, draft=exported, port=port,
                          extra_args=(*served, "--api-server-count", "2"),
                          log_name="phase2.log") as (url, log):
             # The mismatch is known before any traffic (the check runs in a thread at start).
@@ -316,7 +295,7 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             sent = 0
             while _value(_scrape(url), "deepspec_drift_alarm") != 1:
                 assert sent < MAX_PHASE2_REQUESTS, (
-                    f"no drift alarm after {sent} requests; log:\n{_log_tail(log)}")
+                    f"no drift alarm after {sent} requests; log:\n{log_tail(log)}")
                 _chat(url, prompts[sent % len(prompts)])
                 sent += 1
             time.sleep(2 * PUBLISH_INTERVAL_S)  # the last steps reach the multi-process files

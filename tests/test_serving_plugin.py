@@ -7,7 +7,6 @@ part C runs ``DeepSpecStatLogger`` on real vLLM config and stats objects (skippe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
+from real_servers import needs_vllm
 
 from deepspec_plugin import metrics
 from deepspec_plugin.manifest import Baseline, DraftManifest, write_manifest
@@ -514,10 +514,6 @@ def test_multiprocess_publisher_sums_counters_and_takes_the_worst_alarm(tmp_path
 
 # --- C. the vLLM stat logger, on real vLLM objects ------------------------------------------
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (pip install 'deepspec-plugin[vllm]' or scripts/setup.sh)",
-)
 DSPEC_ENV = ("DSPEC_MANIFEST", "DSPEC_WINDOWS", "DSPEC_DRIFT_RELATIVE_DROP",
              "DSPEC_DRIFT_ARL0_TOKENS")
 

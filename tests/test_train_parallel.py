@@ -23,15 +23,10 @@ COMMON = dict(draft_init="layers:1", loss="tvd", steps=STEPS, lr=2e-3, warmup_st
 
 
 @pytest.fixture(scope="module")
-def data(train_data) -> Path:
-    return train_data
-
-
-@pytest.fixture(scope="module")
-def single(tiny, data, tmp_path_factory):
+def single(tiny, train_data, tmp_path_factory):
     """One process, batch size 4: the run two processes of batch size 2 must reproduce."""
     out = tmp_path_factory.mktemp("single") / "run"
-    return train(tiny.target, data, out, batch_size=4, progress=False, **COMMON)
+    return train(tiny.target, train_data, out, batch_size=4, progress=False, **COMMON)
 
 
 def torchrun(target: Path, data: Path, out: Path, parallel: str) -> subprocess.CompletedProcess:
@@ -63,10 +58,10 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_train_like_one_with_the_global_batch(tiny, data, single, tmp_path,
+def test_two_processes_train_like_one_with_the_global_batch(tiny, train_data, single, tmp_path,
                                                             parallel):
     out = tmp_path / parallel
-    proc = torchrun(tiny.target, data, out, parallel)
+    proc = torchrun(tiny.target, train_data, out, parallel)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "draft/deepspec.json").read_text())
     assert manifest["training"]["processes"] == 2
@@ -86,17 +81,18 @@ def test_two_processes_train_like_one_with_the_global_batch(tiny, data, single, 
         shutil.copytree(out, resumed)
         shutil.rmtree(resumed / "draft")
         shutil.rmtree(resumed / "checkpoints/step-4")
-        result = train(tiny.target, data, resumed, batch_size=4, resume=True, progress=False,
+        result = train(tiny.target, train_data, resumed, batch_size=4, resume=True, progress=False,
                        **COMMON)
         assert result.steps == STEPS
         assert_same_weights(weights(resumed), weights(single.out))
 
 
-def test_fsdp_refuses_lora_and_on_policy(tiny, data, tmp_path):
+def test_fsdp_refuses_lora_and_on_policy(tiny, train_data, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "deepspec_plugin.cli", "train", "--target", str(tiny.target), "--data", str(data),
+        "-m", "deepspec_plugin.cli", "train", "--target", str(tiny.target),
+        "--data", str(train_data),
         "--out", str(tmp_path / "x"), "--parallel", "fsdp", "--lora", "r=4", "--steps", "2",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

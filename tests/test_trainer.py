@@ -17,21 +17,11 @@ QUICK = dict(batch_size=4, eval_fraction=0.25, warmup_steps=2, progress=False)
 
 
 @pytest.fixture(scope="module")
-def prompt_file(train_prompt_file) -> Path:
-    return train_prompt_file
-
-
-@pytest.fixture(scope="module")
-def data(train_data) -> Path:
-    return train_data
-
-
-@pytest.fixture(scope="module")
-def trained(tiny, data, tmp_path_factory):
+def trained(tiny, train_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "main"
     result = train(
         tiny.target,
-        data,
+        train_data,
         out,
         draft_init="layers:1",
         loss="tvd",
@@ -52,7 +42,7 @@ def test_training_raises_held_out_acceptance(trained):
     assert result.tokens_trained > 0 and result.tokens_per_second > 0
 
 
-def test_draft_output_and_manifest(tiny, data, trained):
+def test_draft_output_and_manifest(tiny, train_data, trained):
     from deepspec_plugin.models import (
         check_pair,
         fingerprint,
@@ -76,9 +66,9 @@ def test_draft_output_and_manifest(tiny, data, trained):
     assert m["init"]["spec"] == "layers:1"
     assert m["init"]["fingerprint"] == fingerprint(out / "init")
     assert m["loss"] == "tvd" and m["temperature"] == 1.0 and m["steps"] == 40
-    assert m["data"]["path"] == str(data.resolve())
+    assert m["data"]["path"] == str(train_data.resolve())
     assert m["data"]["target_fingerprint"] == fingerprint(tiny.target)
-    assert m["data"]["samples"] == len(list(read_data(data)))
+    assert m["data"]["samples"] == len(list(read_data(train_data)))
     assert m["tokens_trained"] == result.tokens_trained
     assert m["held_out"]["acceptance"] == pytest.approx(result.final_acceptance)
     assert 0 < m["held_out"]["greedy_agreement"] <= 1
@@ -94,26 +84,26 @@ def _weights(path: Path) -> dict:
     return load_file(str(next(path.glob("*.safetensors"))))
 
 
-def test_exact_resume_equals_straight_run(tiny, data, tmp_path):
+def test_exact_resume_equals_straight_run(tiny, train_data, tmp_path):
     import torch
 
     settings = dict(
         draft_init="layers:1", loss="tvd", steps=6, lr=2e-3, eval_every=3, keep_last=2, **QUICK
     )
-    straight = train(tiny.target, data, tmp_path / "straight", save_every=2, **settings)
+    straight = train(tiny.target, train_data, tmp_path / "straight", save_every=2, **settings)
     assert sorted(p.name for p in (tmp_path / "straight/checkpoints").iterdir()) == [
         "step-4",
         "step-6",
     ]
 
     out = tmp_path / "resumed"
-    stopped = train(tiny.target, data, out, save_every=100, stop_at=3, **settings)
+    stopped = train(tiny.target, train_data, out, save_every=100, stop_at=3, **settings)
     assert stopped.draft is None and stopped.steps == 3
     assert not (out / "draft").exists()
     assert (out / "checkpoints/step-3/state.json").is_file()
     # What a kill mid-save leaves: a temp dir, never a complete step-N (renamed last).
     (out / "checkpoints/.step-4.tmp-x/draft").mkdir(parents=True)
-    resumed = train(tiny.target, data, out, save_every=100, resume=True, **settings)
+    resumed = train(tiny.target, train_data, out, save_every=100, resume=True, **settings)
     assert not list((out / "checkpoints").glob(".*"))
     assert resumed.steps == 6
 
@@ -127,43 +117,44 @@ def test_exact_resume_equals_straight_run(tiny, data, tmp_path):
         assert x["acceptance"] == pytest.approx(y["acceptance"], abs=1e-6)
     # A finished run is not resumed again.
     with pytest.raises(DspecError, match="already finished"):
-        train(tiny.target, data, out, save_every=100, resume=True, **settings)
+        train(tiny.target, train_data, out, save_every=100, resume=True, **settings)
 
 
-def test_checkpoint_of_another_run_is_refused(tiny, data, tmp_path):
+def test_checkpoint_of_another_run_is_refused(tiny, train_data, tmp_path):
     settings = dict(draft_init="layers:1", steps=4, save_every=100, **QUICK)
     out = tmp_path / "a"
-    train(tiny.target, data, out, loss="tvd", stop_at=2, **settings)
+    train(tiny.target, train_data, out, loss="tvd", stop_at=2, **settings)
     other = tmp_path / "b"
     shutil.copytree(out, other)
     before = (other / "checkpoints/step-2/state.json").read_bytes()
     with pytest.raises(DspecError, match=r"another run.*loss: 'tvd' in the checkpoint, 'fkl'"):
-        train(tiny.target, data, other, loss="fkl", resume=True, **settings)
+        train(tiny.target, train_data, other, loss="fkl", resume=True, **settings)
     with pytest.raises(DspecError, match=r"another run.*lr"):
-        train(tiny.target, data, other, loss="tvd", lr=1e-2, resume=True, **settings)
+        train(tiny.target, train_data, other, loss="tvd", lr=1e-2, resume=True, **settings)
     assert (other / "checkpoints/step-2/state.json").read_bytes() == before
     assert not (other / "draft").exists()
 
 
-def test_existing_out_without_resume_is_refused(tiny, data, trained):
+def test_existing_out_without_resume_is_refused(tiny, train_data, trained):
     out, _ = trained
     before = (out / "draft/deepspec.json").read_bytes()
     with pytest.raises(DspecError, match="already exists.*--resume"):
-        train(tiny.target, data, out, draft_init="layers:1", steps=2, **QUICK)
+        train(tiny.target, train_data, out, draft_init="layers:1", steps=2, **QUICK)
     assert (out / "draft/deepspec.json").read_bytes() == before
 
 
-def test_data_from_another_target_is_refused(tiny, data, tmp_path):
+def test_data_from_another_target_is_refused(tiny, train_data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(DspecError, match="another target"):
-        train(tiny.target_updated, data, out, draft_init="layers:1", steps=2, **QUICK)
+        train(tiny.target_updated, train_data, out, draft_init="layers:1", steps=2, **QUICK)
     assert not out.exists()  # nothing written
 
 
-def test_bad_init_and_temperature_are_refused(tiny, data, tmp_path):
+def test_bad_init_and_temperature_are_refused(tiny, train_data, tmp_path):
     with pytest.raises(DspecError, match="neither layers:N, fresh"):
         train(
-            tiny.target, data, tmp_path / "x", draft_init=str(tmp_path / "nope"), steps=2, **QUICK
+            tiny.target, train_data, tmp_path / "x", draft_init=str(tmp_path / "nope"), steps=2,
+            **QUICK
         )
     for spec, message in (
         ("layers:x", "invalid draft init"),
@@ -171,14 +162,14 @@ def test_bad_init_and_temperature_are_refused(tiny, data, tmp_path):
         ("fresh:2", "invalid fresh draft option"),
     ):
         with pytest.raises(DspecError, match=message):
-            train(tiny.target, data, tmp_path / "z", draft_init=spec, steps=2, **QUICK)
+            train(tiny.target, train_data, tmp_path / "z", draft_init=spec, steps=2, **QUICK)
         assert not (tmp_path / "z").exists()  # a refused run leaves no directory behind
-    # Greedy data stores T=1 top-k; a loss at T=1.5 would move mass into the tokens not stored
+    # Greedy train_data stores T=1 top-k; a loss at T=1.5 would move mass into the tokens not stored
     # (a lower temperature is fine: the top-k are sharpened, see test_losses).
     with pytest.raises(DspecError, match="temperature"):
         train(
             tiny.target,
-            data,
+            train_data,
             tmp_path / "y",
             draft_init="layers:1",
             steps=2,
@@ -221,7 +212,7 @@ def test_collate_shifts_signal_onto_predicting_logits():
 
 
 def test_draft_equal_to_target_with_full_vocab_signal_accepts_everything(
-    tiny, prompt_file, tmp_path
+    tiny, train_prompt_file, tmp_path
 ):
     """The alignment check end to end: K = V, the target as its own draft -> 1 - TVD = 1."""
     import torch
@@ -231,7 +222,7 @@ def test_draft_equal_to_target_with_full_vocab_signal_accepts_everything(
     out = tmp_path / "fullvocab"
     generate_data(
         tiny.target,
-        [prompt_file],
+        [train_prompt_file],
         out,
         num_prompts=3,
         max_new_tokens=12,
@@ -292,14 +283,14 @@ def test_split_and_order_are_deterministic():
         split_by_prompt(samples[:2], 0.2, seed=1)
 
 
-def test_run_identity_is_derived_from_the_config(tiny, data, trained):
+def test_run_identity_is_derived_from_the_config(tiny, train_data, trained):
     from dataclasses import replace
 
     from deepspec_plugin.train.config import TrainConfig
     from deepspec_plugin.train.distributed import World
 
     out, _ = trained
-    cfg = TrainConfig(tiny.target, data, out, draft_init="layers:1", loss="tvd", steps=40,
+    cfg = TrainConfig(tiny.target, train_data, out, draft_init="layers:1", loss="tvd", steps=40,
                       lr=2e-3, eval_every=20, save_every=20, **QUICK)
     identity = cfg.run_identity(World(), out / "init", "tvd")
     recorded = json.loads((out / "checkpoints/step-40/state.json").read_text())["run"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from real_servers import needs_vllm
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
 from deepspec_plugin.bench.engines.vllm_offline import counts_from_histogram
@@ -17,10 +18,6 @@ from deepspec_plugin.metrics import SpecCounts
 TEXTS = ["Janet has three apples and", "def add(a, b):", "The train leaves at"]
 K, MAX_NEW = 3, 24
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (pip install 'deepspec-plugin[vllm]' or scripts/setup.sh)",
-)
 needs_reference = pytest.mark.skipif(
     importlib.util.find_spec("deepspec_plugin.bench.engines.reference") is None,
     reason="deepspec_plugin/bench/engines/reference.py is not written yet",

@@ -11,7 +11,6 @@ left behind: no export directory, no staging directory, no temp directory.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from real_servers import needs_vllm
 
 from deepspec_plugin.bench.engines.vllm_failure import (
     VLLMEngineError,
@@ -48,8 +48,6 @@ WORKER_LOG = "\n".join([
     "trace (above) for the root cause.",
 ])
 
-needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                reason="vLLM is not installed (scripts/setup.sh installs it)")
 
 
 class EngineDeadError(Exception):

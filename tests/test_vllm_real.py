@@ -13,31 +13,19 @@ which mirrors vLLM's bookkeeping, so at temperature 0 they must be identical.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from real_servers import log_tail, needs_vllm, server_counters, vllm_server
 
 from deepspec_plugin.bench.spec import SCHEMA
 
 K = 3
 MAX_NEW = 16
-SERVER_READY_TIMEOUT_S = 180.0
 COUNT_KEYS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "accepted_per_position")
 
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None,
-    reason="vLLM is not installed (pip install 'deepspec-plugin[vllm]' or scripts/setup.sh)",
-)
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, needs_vllm]
 
 
@@ -96,100 +84,6 @@ def assert_same_counts(report: dict, reference: dict) -> None:
                          for u in ref[category]["units"]], category
 
 
-# ------------------------------------------------------------------------------ a real server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _log_tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """End the server and its children: its process group is its own (start_new_session)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    # Children (the engine core) may outlive the API server: kill whatever is left in the group.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def vllm_server(target: Path, draft: Path, workdir: Path, port: int | None = None,
-                extra_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
-                log_name: str = "vllm-server.log"):
-    """A real vLLM OpenAI-compatible server for target with draft (k=3); yields (url, log path)."""
-    import requests
-
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = workdir / log_name
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_CACHE_ROOT=str(workdir / "vllm-cache"),
-        **(extra_env or {}),
-    )
-    spec_config = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": K}
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(target),
-        "--speculative-config", json.dumps(spec_config),
-        "--dtype", "float32", "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4",
-        "--host", "127.0.0.1", "--port", str(port), *extra_args,
-    ]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=workdir)
-    try:
-        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode} before it was ready; "
-                            f"its log:\n{_log_tail(log_path)}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the vLLM server was not ready within {SERVER_READY_TIMEOUT_S:.0f} s;"
-                            f" its log:\n{_log_tail(log_path)}")
-            time.sleep(1.0)
-        yield url, log_path
-    finally:
-        _stop(proc)
-
-
-def _server_counters(url: str) -> dict:
-    """vLLM's own spec-decode counter totals from its /metrics."""
-    import requests
-
-    from deepspec_plugin.bench import promparse
-
-    samples = promparse.parse_samples(requests.get(f"{url}/metrics", timeout=10).text)
-    return {
-        name: int(promparse.total(samples, f"vllm:spec_decode_num_{name}_total") or 0)
-        for name in ("drafts", "draft_tokens", "accepted_tokens")
-    }
-
-
 def _warmup_counts(tiny, bench: Path):
     """The counts of the harness's one untimed warm-up generate (run.py step 3), by the reference.
 
@@ -227,15 +121,15 @@ def test_endpoint_engine_against_real_vllm_server(tiny, mini_bench, reference_re
     from deepspec_plugin.bench.run import evaluate
 
     warmup = _warmup_counts(tiny, mini_bench)
-    with vllm_server(tiny.target, tiny.draft, tmp_path) as (url, log_path):
+    with vllm_server(tmp_path, target=tiny.target, draft=tiny.draft) as (url, log_path):
         try:
-            before = _server_counters(url)
+            before = server_counters(url)
             report = evaluate(tiny.target, None, bench=mini_bench, engine="endpoint",
                               out=tmp_path / "endpoint", endpoint=url,
                               progress=False).to_dict()
-            after = _server_counters(url)
+            after = server_counters(url)
         except BaseException:
-            print(f"vLLM server log ({log_path}):\n{_log_tail(log_path)}")
+            print(f"vLLM server log ({log_path}):\n{log_tail(log_path)}")
             raise
 
     assert report["complete"] is True and report["interrupted"] is False

@@ -465,8 +465,8 @@ def export_vllm_command(
              "reference engine.")] = True,
 ):
     """A draft into a directory vLLM serves (draft_model or EAGLE-3), with serving configs."""
-    from deepspec_plugin.models import resolve_model
     from deepspec_plugin.exporters.vllm import export_vllm
+    from deepspec_plugin.models import resolve_model
 
     with console.status("Exporting (and loading in vLLM: a minute or two)..." if load
                         else "Exporting..."):
@@ -495,8 +495,8 @@ def export_tgi_command(
     overwrite: OverwriteOpt = False,
 ):
     """A Medusa or MLP-speculator head draft into TGI's format, with launcher args and env file."""
-    from deepspec_plugin.models import resolve_model
     from deepspec_plugin.exporters.tgi import export_tgi
+    from deepspec_plugin.models import resolve_model
 
     result = export_tgi(draft, resolve_model(target), out, speculate=speculate,
                         max_input_tokens=max_input_tokens, max_total_tokens=max_total_tokens,

@@ -41,7 +41,8 @@ from deepspec_plugin.tensorfiles import PICKLE_SUFFIXES
 
 __all__ = [
     "LLAMA_LIKE_MODEL_TYPES", "PICKLE_SUFFIXES", "REFERENCE_NAME", "TOKENIZER_FILES",
-    "VOLATILE_CONFIG_KEYS", "TinyModels", "config_and_weights_fingerprint", "architectures", "build_tiny", "check_pair",
+    "VOLATILE_CONFIG_KEYS", "TinyModels", "architectures", "build_tiny", "check_pair",
+    "config_and_weights_fingerprint",
     "copy_tokenizer_files", "draft_init", "fingerprint", "first_tokenizer_difference",
     "id_to_token", "is_causal_lm", "load_causal_lm", "load_tokenizer", "param_count",
     "reference_target", "require_causal_lm", "require_model_dir", "resolve_model",

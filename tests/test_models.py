@@ -111,7 +111,7 @@ def test_chat_template_and_eos(tiny):
     assert im_end in gen["eos_token_id"]
     assert tok.convert_tokens_to_ids("<|endoftext|>") in gen["eos_token_id"]
     tok_cfg = json.loads((tiny.target / "tokenizer_config.json").read_text())
-    assert tok_cfg["chat_template"] == models.tiny.CHATML_TEMPLATE
+    assert tok_cfg["chat_template"] == models.tokenizer.CHATML_TEMPLATE
 
 
 def test_acceptance_proxy_in_band(tiny):

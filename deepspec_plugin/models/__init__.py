@@ -26,8 +26,8 @@ from deepspec_plugin.models.fingerprint import (
     config_and_weights_fingerprint,
     fingerprint,
 )
-from deepspec_plugin.models.loading import check_pair, load_causal_lm, resolve_model
-from deepspec_plugin.models.reference import REFERENCE_NAME, reference_target
+from deepspec_plugin.models.loading import check_pair, load_causal_lm
+from deepspec_plugin.models.reference import REFERENCE_NAME, reference_target, resolve_model
 from deepspec_plugin.models.tiny import TinyModels, build_tiny, teacher_forced_agreement
 from deepspec_plugin.models.tokenizer import (
     first_tokenizer_difference,

@@ -64,18 +64,3 @@ def check_pair(target: Path, draft: Path) -> None:
             + first_tokenizer_difference(target, draft),
             "copy the target's tokenizer files into the draft directory",
         )
-
-
-def resolve_model(spec: str) -> Path:
-    """`reference` → the prepared reference target; anything else must be an existing directory."""
-    if spec == "reference":
-        from deepspec_plugin.models.reference import reference_target
-
-        return reference_target()
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise DspecError(
-            f"model {spec!r} is neither 'reference' nor an existing directory",
-            "pass 'reference' or the path of a local model directory (no hub downloads)",
-        )
-    return path

@@ -8,8 +8,7 @@ from pathlib import Path
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.fileio import atomic_dir
 from deepspec_plugin.models.fingerprint import fingerprint
-from deepspec_plugin.models.tiny import IM_END
-from deepspec_plugin.models.tokenizer import write_portable_tokenizer_config
+from deepspec_plugin.models.tokenizer import IM_END, write_portable_tokenizer_config
 
 REFERENCE_NAME = "smollm2-135m-instruct"
 
@@ -115,3 +114,16 @@ def reference_target(cache_dir: Path | None = None) -> Path:
         # Written last: its presence is what makes the cache complete.
         (tmp / COMPLETE_MARKER).write_text(fingerprint(tmp) + "\n")
     return dest
+
+
+def resolve_model(spec: str) -> Path:
+    """`reference` → the prepared reference target; anything else must be an existing directory."""
+    if spec == "reference":
+        return reference_target()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise DspecError(
+            f"model {spec!r} is neither 'reference' nor an existing directory",
+            "pass 'reference' or the path of a local model directory (no hub downloads)",
+        )
+    return path

@@ -13,26 +13,14 @@ from pathlib import Path
 from deepspec_plugin.fileio import atomic_dir, write_json
 from deepspec_plugin.models.draft_init import draft_init
 from deepspec_plugin.models.loading import load_causal_lm
-from deepspec_plugin.models.tokenizer import load_tokenizer, write_portable_tokenizer_config
-
-ENDOFTEXT = "<|endoftext|>"
-
-
-IM_START = "<|im_start|>"
-
-
-IM_END = "<|im_end|>"
-
-
-# ChatML, as SmolLM2-Instruct uses it, without its default system prompt (it would eat most of a
-# tiny model's short context for nothing).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+from deepspec_plugin.models.tokenizer import (
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    load_tokenizer,
+    write_portable_tokenizer_config,
 )
-
 
 TINY_VOCAB_SIZE = 512
 

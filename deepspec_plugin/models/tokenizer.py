@@ -11,6 +11,24 @@ from deepspec_plugin.errors import DspecError
 from deepspec_plugin.fileio import read_json, write_json
 from deepspec_plugin.models.files import TOKENIZER_FILES, require_model_dir
 
+ENDOFTEXT = "<|endoftext|>"
+
+
+IM_START = "<|im_start|>"
+
+
+IM_END = "<|im_end|>"
+
+
+# ChatML, as SmolLM2-Instruct uses it, without its default system prompt (it would eat most of a
+# tiny model's short context for nothing).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 
 def canonical_json(obj: Any) -> bytes:
     """The bytes a fingerprint hashes: sorted keys, no whitespace."""

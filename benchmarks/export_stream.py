@@ -57,48 +57,45 @@ def build_draft(target: Path, out: Path, vocab: int) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
+    from deepspec_plugin.fileio import atomic_dir
+    from deepspec_plugin.models import copy_tokenizer_files
+
     if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tcfg = json.loads((target / "config.json").read_text())
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "max_position_embeddings": tcfg["max_position_embeddings"], "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu",
-        "bos_token_id": tcfg.get("bos_token_id"), "eos_token_id": tcfg.get("eos_token_id"),
-    }
-    rng = np.random.default_rng(0)
-    head = HIDDEN // HEADS
+    with atomic_dir(out) as tmp:
+        tcfg = json.loads((target / "config.json").read_text())
+        config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "max_position_embeddings": tcfg["max_position_embeddings"], "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu",
+            "bos_token_id": tcfg.get("bos_token_id"), "eos_token_id": tcfg.get("eos_token_id"),
+        }
+        rng = np.random.default_rng(0)
+        head = HIDDEN // HEADS
 
-    def w(*shape):
-        return rng.standard_normal(shape, dtype=np.float32) * 0.02
+        def w(*shape):
+            return rng.standard_normal(shape, dtype=np.float32) * 0.02
 
-    state = {"model.embed_tokens.weight": w(vocab, HIDDEN), "lm_head.weight": w(vocab, HIDDEN),
-             "model.norm.weight": np.ones(HIDDEN, np.float32)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        state.update({
-            p + "self_attn.q_proj.weight": w(HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": w(KV_HEADS * head, HIDDEN),
-            p + "self_attn.v_proj.weight": w(KV_HEADS * head, HIDDEN),
-            p + "self_attn.o_proj.weight": w(HIDDEN, HIDDEN),
-            p + "mlp.gate_proj.weight": w(INTERMEDIATE, HIDDEN),
-            p + "mlp.up_proj.weight": w(INTERMEDIATE, HIDDEN),
-            p + "mlp.down_proj.weight": w(HIDDEN, INTERMEDIATE),
-            p + "input_layernorm.weight": np.ones(HIDDEN, np.float32),
-            p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float32),
-        })
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "chat_template.jinja", "generation_config.json"):
-        if (target / name).exists():
-            shutil.copy2(target / name, tmp / name)
-    os.replace(tmp, out)
+        state = {"model.embed_tokens.weight": w(vocab, HIDDEN), "lm_head.weight": w(vocab, HIDDEN),
+                 "model.norm.weight": np.ones(HIDDEN, np.float32)}
+        for i in range(LAYERS):
+            p = f"model.layers.{i}."
+            state.update({
+                p + "self_attn.q_proj.weight": w(HIDDEN, HIDDEN),
+                p + "self_attn.k_proj.weight": w(KV_HEADS * head, HIDDEN),
+                p + "self_attn.v_proj.weight": w(KV_HEADS * head, HIDDEN),
+                p + "self_attn.o_proj.weight": w(HIDDEN, HIDDEN),
+                p + "mlp.gate_proj.weight": w(INTERMEDIATE, HIDDEN),
+                p + "mlp.up_proj.weight": w(INTERMEDIATE, HIDDEN),
+                p + "mlp.down_proj.weight": w(HIDDEN, INTERMEDIATE),
+                p + "input_layernorm.weight": np.ones(HIDDEN, np.float32),
+                p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float32),
+            })
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer_files(target, tmp)
     return out
 
 

@@ -92,7 +92,8 @@ def vllm_server(workdir: Path, *, target: Path | None = None, draft: Path | None
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(workdir) / log_name
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+    # Unbuffered: a test reads the server's log while it runs.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
                VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(Path(workdir) / "vllm-cache"),
                **(extra_env or {}))
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]

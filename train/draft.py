@@ -2,7 +2,8 @@
 
 The training loop sees only `Draft`: it trains ``draft.module`` (wrapped for DDP / FSDP, so the
 collectives see the whole forward), gets the response logits of a batch from `Draft.forward`,
-writes checkpoint weights with `Draft.write_weights` and the finished draft with `Draft.save`.
+scores it with `Draft.loss`, writes checkpoint weights with `Draft.write_weights` and the finished
+draft with `Draft.save`.
 A draft type is a `Draft` subclass; `StandaloneDraft` is a causal LM of the target's vocabulary
 trained in full or with a LoRA adapter.
 """
@@ -70,6 +71,11 @@ class Draft(ABC):
     @abstractmethod
     def forward(self, batch: dict[str, Any]):
         """Logits at the response positions of a collated batch, ``[1, N, V]``."""
+
+    def loss(self, output, signal, loss_fn):
+        """The training loss of ``forward``'s output against the target's signal for the
+        batch. A draft type whose forward unrolls several steps weighs them here."""
+        return loss_fn(output.float(), signal, None)
 
     @abstractmethod
     def causal_lm(self):

@@ -427,10 +427,10 @@ def micro_step(s: TrainState) -> float:
         online = True
     batch = collate(mine, cfg.device)
     with _autocast(cfg.device, cfg.precision):
-        logits = s.draft.forward(batch)
+        output = s.draft.forward(batch)
     with torch.no_grad():
         signal = target_signal(batch, s.signal_temperature, s.scorer if online else None)
-    value = s.loss_fn(logits.float(), signal, None)
+    value = s.draft.loss(output, signal, s.loss_fn)
     # Weight by this process's share of the global batch's tokens, so that the mean gradient
     # over processes is the token mean over the global batch.
     n_local = int(batch["mask"].sum())

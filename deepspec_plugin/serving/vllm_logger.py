@@ -127,13 +127,15 @@ class DeepSpecStatLogger(_Base):
                 return
             from deepspec_plugin.models import fingerprint
 
-            t.info.target_fingerprint = fingerprint(target)
-            if t.info.mismatch:
+            served = fingerprint(target)
+            expected = t.info.manifest_target_fingerprint
+            if expected and served != expected:  # logged before the metric shows it
                 log.warning(
                     "deepspec: the served target %s (%s) is not the target the draft was made "
                     "for (%s): acceptance will differ from the baseline. Fix: re-export the draft "
                     "for this target (dspec export --target ...), or serve the original target.",
-                    t.info.target, t.info.target_fingerprint, t.info.manifest_target_fingerprint)
+                    t.info.target, served, expected)
+            t.info.target_fingerprint = served
         except Exception as e:
             t.count_error("fingerprint", e)
 

@@ -202,3 +202,15 @@ def test_cli_runs_beside_a_users_train_py(tmp_path, command):
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["None", "None"]  # nothing generic in site-packages
+
+
+def test_tests_share_helpers_not_each_others_modules():
+    """Shared test code lives in conftest.py and the helper modules, never in a test module."""
+    crossing = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            crossing += [f"{path.name}:{node.lineno} imports {n}" for n in names
+                         if n.split(".")[0].startswith("test_") or n == "conftest"]
+    assert not crossing, "\n".join(crossing)

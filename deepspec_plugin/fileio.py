@@ -86,11 +86,22 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a model dir is meant to be shared
+        _readable_by_all(tmp)
         replace_dir(tmp, dest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _readable_by_all(root: Path) -> None:
+    """A model directory is meant to be shared (a server often runs as another user): mkdtemp
+    makes it 0700 and safetensors writes its files 0600."""
+    os.chmod(root, 0o755)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        os.chmod(path, mode | (0o055 if path.is_dir() else 0o044))
 
 
 def replace_dir(src: Path, dest: Path, overwrite: bool = True) -> None:

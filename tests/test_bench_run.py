@@ -11,8 +11,8 @@ from deepspec_plugin.bench.compare import compare_reports
 from deepspec_plugin.bench.engines.base import Engine
 from deepspec_plugin.bench.engines.reference import ReferenceEngine
 from deepspec_plugin.bench.prompts import format_turns
-from deepspec_plugin.bench.report import ACCEPTANCE_PNG, SPEEDUP_PNG, load_report
-from deepspec_plugin.bench.report_schema import EvalReport
+from deepspec_plugin.bench.report import ACCEPTANCE_PNG, SPEEDUP_PNG
+from deepspec_plugin.bench.report_schema import EvalReport, load_report
 from deepspec_plugin.bench.run import describe_models, run_bench, stop_token_ids
 from deepspec_plugin.bench.spec import SCHEMA, load_bench
 from deepspec_plugin.errors import DspecError

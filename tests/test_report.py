@@ -16,12 +16,11 @@ from deepspec_plugin.bench.compare import compare_reports, render_comparison
 from deepspec_plugin.bench.report import (
     ACCEPTANCE_PNG,
     SPEEDUP_PNG,
-    load_report,
     summary_rows,
     write_json_atomic,
     write_report,
 )
-from deepspec_plugin.bench.report_schema import EvalReport, ReportEntry, ReportModels
+from deepspec_plugin.bench.report_schema import EvalReport, ReportEntry, ReportModels, load_report
 from deepspec_plugin.bench.run import OVERALL, environment, summarize_entry
 from deepspec_plugin.bench.spec import SCHEMA, load_bench
 from deepspec_plugin.errors import DspecError

@@ -3,7 +3,7 @@
 ``report.json`` holds everything, the raw per-unit numbers included, so that any number in the
 Markdown or the plots (and any comparison of two reports) can be recomputed from it. Every file is
 written into a temp file beside its destination and renamed into place. The report's layout and
-its loader are :mod:`deepspec_plugin.bench.report_schema` (re-exported here).
+its loader are :mod:`deepspec_plugin.bench.report_schema`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ from pathlib import Path
 
 from deepspec_plugin.bench.report_schema import (
     REPORT_JSON,
-    SCHEMA,
     EvalReport,
     ReportEntry,
-    load_report,
 )
 from deepspec_plugin.fileio import atomic_write_bytes, atomic_write_text
 
-__all__ = ["EvalReport", "ReportEntry", "load_report", "write_report", "write_json_atomic",
-           "render_markdown", "summary_rows", "REPORT_JSON", "SCHEMA"]
 REPORT_MD = "report.md"
 ACCEPTANCE_PNG = "acceptance_by_position.png"
 SPEEDUP_PNG = "speedup_by_batch_size.png"

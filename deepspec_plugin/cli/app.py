@@ -387,7 +387,7 @@ def eval_compare(
 ):
     """Two reports side by side: differences and whether they are significant (95% bootstrap)."""
     from deepspec_plugin.bench.compare import compare_reports, render_comparison
-    from deepspec_plugin.bench.report import load_report
+    from deepspec_plugin.bench.report_schema import load_report
 
     rows = compare_reports(load_report(a), load_report(b))
     console.print(render_comparison(rows))

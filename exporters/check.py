@@ -6,7 +6,9 @@ format comes from the manifest's ``method``: TGI's head formats are checked by
 :mod:`deepspec_plugin.exporters.eagle3_rules`, a vLLM ``draft_model`` here:
 
 * files: ``config.json``, safetensors weights only (pickles refused, never read), the tokenizer
-  files, ``deepspec.json``, the serving configs;
+  files, ``deepspec.json``, the serving configs, whose speculative config must name the draft
+  sampling rule (``draft_sample_method``, greedy or probabilistic; older exports without it get
+  a warning: vLLM then uses its default, greedy);
 * every safetensors file readable end to end (offsets inside the file, sizes matching shapes);
 * vocabulary size, tokenizer fingerprint and special tokens equal to the target's; the target's
   fingerprint equal to the manifest's; the draft's max positions against the target's;
@@ -80,8 +82,10 @@ def check_export(path: str | Path, target: str | Path | None = None, *, load: bo
     report = CheckReport(path=path, format=manifest.method)
     if manifest.method == "eagle3":
         from deepspec_plugin.exporters.eagle3_rules import check_vllm_eagle3
+        from deepspec_plugin.exporters.speculators import check_speculators_dir
 
         report.findings += check_vllm_eagle3(path, target_path).findings
+        check_speculators_dir(path, report)
         _common_rules(report, path, manifest, target_path, target_fingerprint)
         if load and report.ok and target_path is not None and _vllm_installed(report):
             from deepspec_plugin.exporters.eagle3_load import vllm_load_eagle3
@@ -139,6 +143,7 @@ def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None
     missing = [f for f in VLLM_FILES if not (path / SERVING_DIR / f).is_file()]
     report.add("serving_configs", not missing, "serving configs present" if not missing else
                f"{SERVING_DIR}/ lacks {', '.join(missing)}", warning=True)
+    _sample_rule(report, path)
     if has_tok:
         tok = models.tokenizer_fingerprint(path)
         report.add("tokenizer_fingerprint_manifest", tok == manifest.tokenizer_fingerprint,
@@ -166,6 +171,30 @@ def _common_rules(report: CheckReport, path: Path, manifest, target: Path | None
         ts, ds = models.special_tokens(target), models.special_tokens(path)
         report.add("special_tokens", ts == ds, "special tokens equal the target's" if ts == ds
                    else f"special tokens differ: target {ts}, export {ds}")
+
+
+def _sample_rule(report: CheckReport, path: Path) -> None:
+    """The speculative config names vLLM's draft sampling rule, one vLLM knows."""
+    from deepspec_plugin.bench.engines.base import DRAFT_SAMPLE_METHODS
+
+    spec_path = path / SERVING_DIR / "speculative-config.json"
+    if not spec_path.is_file():
+        return  # the serving_configs rule said so
+    try:
+        rule = json.loads(spec_path.read_text()).get("draft_sample_method")
+    except (OSError, ValueError, AttributeError):
+        report.add("draft_sample_method", False, f"{SERVING_DIR}/speculative-config.json is not "
+                   "a JSON object")
+        return
+    source = "vllm/config/speculative.py: SpeculativeConfig.draft_sample_method"
+    if rule is None:
+        report.add("draft_sample_method", False, "the speculative config does not name the draft "
+                   "sampling rule: vLLM uses its default (greedy); re-export to write it",
+                   source, warning=True)
+        return
+    report.add("draft_sample_method", rule in DRAFT_SAMPLE_METHODS,
+               f"draft_sample_method {rule!r}" + ("" if rule in DRAFT_SAMPLE_METHODS else
+               f": vLLM knows {' and '.join(DRAFT_SAMPLE_METHODS)}"), source)
 
 
 def _draft_model_rules(report: CheckReport, path: Path, manifest, target: Path | None,

@@ -244,31 +244,46 @@ def write_vllm_eagle3(draft: str | Path, target: str | Path, stage: str | Path) 
     return notes
 
 
-def _plan_vocab_maps(tensors: dict[str, st.StoredTensor], draft: Path, draft_vocab: int,
-                     vocab: int, plan: list[st.Planned]) -> list[str]:
-    """Validate d2t (and t2d against it); plan d2t as int64 where the head's vocab is reduced."""
-    notes = []
+def draft_vocabulary(tensors: dict[str, st.StoredTensor], draft: Path, draft_vocab: int,
+                     vocab: int) -> list[int]:
+    """The target id of each draft id (``draft_id + d2t[draft_id]``), after checking d2t, and t2d
+    against it: distinct target ids in [0, vocab); a full vocabulary only as the identity (vLLM
+    keeps no map for a full-size head). A reduced head without d2t gives [] (refused as missing
+    by the caller)."""
     d2t_t, t2d_t = tensors.get("d2t"), tensors.get("t2d")
     fix = "rebuild the vocab maps from the draft vocabulary the head was trained with"
+    if d2t_t is None:
+        return list(range(vocab)) if draft_vocab == vocab else []
+    if d2t_t.shape != (draft_vocab,):
+        raise DspecError(f"{draft}: d2t is {list(d2t_t.shape)}, expected [{draft_vocab}] "
+                         "(one entry per draft token)", fix)
+    d2t = read_int_values(d2t_t)
+    targets = vocab_targets(d2t)
+    if any(not 0 <= t < vocab for t in targets) or len(set(targets)) != len(targets):
+        raise DspecError(f"{draft}: d2t does not map the {draft_vocab} draft tokens to "
+                         f"distinct target ids in [0, {vocab}) as draft_id + d2t[draft_id]",
+                         fix + " (d2t holds offsets, not target ids)")
+    if t2d_t is not None:
+        t2d = read_int_values(t2d_t)
+        if len(t2d) != vocab or {i for i, v in enumerate(t2d) if v} != set(targets):
+            raise DspecError(f"{draft}: t2d and d2t name different draft vocabularies", fix)
+    if draft_vocab == vocab and any(d2t):
+        raise DspecError(f"{draft}: d2t permutes a full vocabulary, which vLLM cannot "
+                         "load (it keeps no map for a full-size head)",
+                         "reorder lm_head's rows to target order and drop d2t")
+    return targets
+
+
+def _plan_vocab_maps(tensors: dict[str, st.StoredTensor], draft: Path, draft_vocab: int,
+                     vocab: int, plan: list[st.Planned], *, keep_t2d: bool = False) -> list[str]:
+    """Validate d2t (and t2d against it); plan d2t as int64 where the head's vocab is reduced
+    (a full-size head's d2t, the identity, is dropped: vLLM has no parameter for it); t2d is
+    planned as it is with ``keep_t2d``, else dropped (vLLM skips it)."""
+    notes = []
+    draft_vocabulary(tensors, draft, draft_vocab, vocab)
+    d2t_t, t2d_t = tensors.get("d2t"), tensors.get("t2d")
     if d2t_t is not None:
-        if d2t_t.shape != (draft_vocab,):
-            raise DspecError(f"{draft}: d2t is {list(d2t_t.shape)}, expected [{draft_vocab}] "
-                             "(one entry per draft token)", fix)
-        d2t = read_int_values(d2t_t)
-        targets = vocab_targets(d2t)
-        if any(not 0 <= t < vocab for t in targets) or len(set(targets)) != len(targets):
-            raise DspecError(f"{draft}: d2t does not map the {draft_vocab} draft tokens to "
-                             f"distinct target ids in [0, {vocab}) as draft_id + d2t[draft_id]",
-                             fix + " (d2t holds offsets, not target ids)")
-        if t2d_t is not None:
-            t2d = read_int_values(t2d_t)
-            if len(t2d) != vocab or {i for i, v in enumerate(t2d) if v} != set(targets):
-                raise DspecError(f"{draft}: t2d and d2t name different draft vocabularies", fix)
         if draft_vocab == vocab:
-            if any(d2t):
-                raise DspecError(f"{draft}: d2t permutes a full vocabulary, which vLLM cannot "
-                                 "load (it keeps no map for a full-size head)",
-                                 "reorder lm_head's rows to target order and drop d2t")
             notes.append("d2t dropped: the head covers the whole vocabulary (vLLM has no map "
                          "for a full-size head)")
         elif d2t_t.dtype == "I64":
@@ -276,14 +291,17 @@ def _plan_vocab_maps(tensors: dict[str, st.StoredTensor], draft: Path, draft_voc
         else:
             import numpy as np
 
-            raw = np.asarray(d2t, dtype="<i8").tobytes()
+            raw = np.asarray(read_int_values(d2t_t), dtype="<i8").tobytes()
             plan.append(st.Planned("d2t", "I64", (draft_vocab,), data=raw))
             notes.append(f"d2t converted from {d2t_t.dtype} to I64 (vLLM's draft_id_to_target_id "
                          "is int64)")
         if draft_vocab < vocab:
             notes.append(f"draft vocabulary of {draft_vocab} of the target's {vocab} tokens: d2t "
                          "kept (target_id = draft_id + d2t[draft_id])")
-    if t2d_t is not None:
+    if t2d_t is not None and keep_t2d:
+        plan.append(st.renamed(t2d_t, "t2d"))
+        notes.append("t2d kept as trained (vLLM skips it; load_head reads it)")
+    elif t2d_t is not None:
         notes.append("t2d dropped (vLLM skips it)")
     return notes
 

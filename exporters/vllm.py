@@ -9,11 +9,17 @@ Two methods:
   cut back to unused rows) to the target's size, and the export says so. Where the tokenizers
   truly differ the export is refused, naming the first differing tokens.
 * ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by
-  :mod:`deepspec_plugin.exporters.eagle3`.
+  :mod:`deepspec_plugin.exporters.eagle3`, or one of the project's own heads (already vLLM's
+  layout: ``dspec train --draft-type eagle3``), checked and copied by
+  :mod:`deepspec_plugin.exporters.eagle3_own`. Beside vLLM's layout the same head is written in
+  the speculators format (``speculators/``, :mod:`deepspec_plugin.exporters.speculators`).
 
 Beside the weights: ``deepspec.json`` (the draft manifest: the target's and tokenizer's
 fingerprints, method, k, the baseline acceptance from ``--report``, and the draft's training
-record carried over) and ``serving_configs/`` (:mod:`deepspec_plugin.exporters.serving`).
+record carried over; the export's own record, under ``export``, includes the draft sampling rule
+served) and ``serving_configs/`` (:mod:`deepspec_plugin.exporters.serving`), whose speculative
+config names the method and the draft sampling rule (``draft_sample_method``: vLLM's default
+``greedy``, or ``probabilistic``).
 Everything is written into a staging directory, checked
 (:func:`deepspec_plugin.exporters.check.check_export`, with a real vLLM load where vLLM is
 installed) and only then renamed to ``out``.
@@ -33,7 +39,13 @@ from deepspec_plugin.errors import DspecError
 from deepspec_plugin.exporters import safetensors_io as st
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
-from deepspec_plugin.exporters.serving import SERVING_DIR, write_vllm_configs
+from deepspec_plugin.exporters.serving import (
+    DEFAULT_DRAFT_SAMPLE_METHOD,
+    SERVING_DIR,
+    check_draft_sample_method,
+    write_speculators_command,
+    write_vllm_configs,
+)
 from deepspec_plugin.fileio import read_json
 from deepspec_plugin.manifest import (
     FILENAME,
@@ -71,18 +83,22 @@ def export_vllm(
     force: bool = False,
     overwrite: bool = False,
     load: bool = True,
+    draft_sample_method: str = DEFAULT_DRAFT_SAMPLE_METHOD,
 ) -> ExportResult:
     """Export ``draft`` for ``target`` into ``out`` for vLLM; returns what was written and checked.
 
     ``target_name`` is how the server will name the target (a Hub id or a path; default: the
     target's absolute path). ``force`` exports a draft made for another target, or with a report
     of another draft, and records that in the manifest. ``load=False`` skips the real vLLM load.
+    ``draft_sample_method`` is how vLLM drafts at T > 0 (``greedy``: its argmax, vLLM's default;
+    ``probabilistic``: sampled), written into the speculative config and the manifest.
     """
     draft, out = Path(draft), Path(out).absolute()
     target = models.resolve_model(str(target))
     if method not in METHODS:
         raise DspecError(f"unknown vLLM export method {method!r}",
                          f"use one of {', '.join(METHODS)}")
+    check_draft_sample_method(draft_sample_method)
     refuse_existing(out, overwrite)
     if not draft.is_dir():
         raise DspecError(f"draft directory {draft} does not exist", "fix --draft")
@@ -105,13 +121,16 @@ def export_vllm(
         )
     if method == "draft_model" and source is None:
         from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3
+        from deepspec_plugin.models.files import is_eagle3_dir
 
-        if is_deepspec_eagle3(draft):
-            raise DspecError(f"{draft} is an EAGLE-3 head (DeepSpec layout), not a draft model",
+        if is_deepspec_eagle3(draft) or is_eagle3_dir(draft):
+            layout = "DeepSpec's" if is_deepspec_eagle3(draft) else "vLLM's"
+            raise DspecError(f"{draft} is an EAGLE-3 head ({layout} layout), not a draft model",
                              "pass --method eagle3")
     if source is not None and source.method != method:
         raise DspecError(f"{draft} is a {source.method} draft (its manifest says so), not {method}",
                          f"pass --method {source.method}")
+    layout = eagle3_layout(draft) if method == "eagle3" else None
 
     rep = load_report(report, require_complete=True) if report is not None else None
     k = int(k or (source.k if source and source.k else 0) or _report_k(rep) or DEFAULT_K)
@@ -125,19 +144,25 @@ def export_vllm(
 
     if method == "draft_model":
         plan = plan_draft_model(draft, target, tcfg, force=force, forced=forced)
-    notes: list[str] = []
+    notes: list[str] = sample_rule_notes(rep, baseline, draft_sample_method)
+    name = target_name or str(target.resolve())
+    speculators = None
     with staged_output(out, overwrite=True) as stage:
         if method == "draft_model":
             write_weights(plan, stage)
             notes += plan.notes
         else:
-            from deepspec_plugin.exporters.eagle3 import write_vllm_eagle3
+            notes += write_eagle3(draft, target, stage, layout)
+            from deepspec_plugin.exporters.speculators import SPECULATORS_DIR, write_speculators
 
-            notes += write_vllm_eagle3(draft, target, stage)
+            notes += write_speculators(stage, tcfg, verifier=name, k=k)
+            speculators = SPECULATORS_DIR
         copy_tokenizer_files(target, stage)
-        name = target_name or str(target.resolve())
         write_vllm_configs(stage / SERVING_DIR, target=name, method=method, draft=str(out), k=k,
-                           draft_name=out.name)
+                           draft_name=out.name, draft_sample_method=draft_sample_method)
+        if speculators:
+            write_speculators_command(stage / SERVING_DIR, speculator=str(out / speculators),
+                                      draft_sample_method=draft_sample_method)
         manifest = DraftManifest(
             target_fingerprint=target_fp,
             tokenizer_fingerprint=models.tokenizer_fingerprint(target),
@@ -146,7 +171,9 @@ def export_vllm(
                 "engine": "vllm", "format": method,
                 "target": {"path": str(target.resolve()), "name_or_path": name,
                            "fingerprint": target_fp},
-                "source": {"path": str(draft.resolve()), "fingerprint": source_fp},
+                "source": {"path": str(draft.resolve()), "fingerprint": source_fp,
+                           **({"layout": layout} if layout else {})},
+                "draft_sample_method": draft_sample_method, "speculators": speculators,
                 "report": str(Path(report).resolve()) if report else None,
                 "forced": forced, "notes": notes,
                 "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -159,6 +186,47 @@ def export_vllm(
         check.path = out
         check.raise_if_failed()
     return ExportResult(out=out, method=method, check=check, notes=notes)
+
+
+def eagle3_layout(draft: Path) -> str:
+    """``"deepspec"`` (DeepSpec's layout, converted) or ``"vllm"`` (the project's own heads and
+    earlier exports, copied); anything else is refused before a byte is written."""
+    from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3
+
+    if is_deepspec_eagle3(draft):
+        return "deepspec"
+    from deepspec_plugin.models.files import is_eagle3_dir
+
+    if is_eagle3_dir(draft):
+        return "vllm"
+    raise DspecError(f"{draft} is not an EAGLE-3 head: its config is neither DeepSpec's layout "
+                     "(target_layer_ids) nor vLLM's (architectures Eagle3*ForCausalLM)",
+                     "point --draft at a head written by dspec train --draft-type eagle3 or a "
+                     "DeepSpec EAGLE-3 checkpoint, or pass --method draft_model")
+
+
+def write_eagle3(draft: Path, target: Path, stage: Path, layout: str) -> list[str]:
+    """The head's weights and config in vLLM's layout into ``stage``; notes."""
+    if layout == "deepspec":
+        from deepspec_plugin.exporters.eagle3 import write_vllm_eagle3
+
+        return write_vllm_eagle3(draft, target, stage)
+    from deepspec_plugin.exporters.eagle3_own import copy_vllm_eagle3
+
+    return copy_vllm_eagle3(draft, target, stage)
+
+
+def sample_rule_notes(rep: EvalReport | None, baseline, rule: str) -> list[str]:
+    """Where the baseline was measured at T > 0 with the other draft sampling rule, its
+    acceptance is not what this server will show: say so (greedy drafting accepts less)."""
+    if rep is None or baseline is None or not baseline.temperature:
+        return []
+    measured = (rep.engine or {}).get("draft_sample_method")
+    if measured and measured != rule:
+        return [f"the baseline was measured with draft_sample_method {measured!r} at T = "
+                f"{baseline.temperature:g}, the export serves {rule!r}: live acceptance will "
+                "differ from it (pass --draft-sample-method to match, or re-evaluate)"]
+    return []
 
 
 def _refuse_unless_forced(force: bool, forced: list[str], what: str, problem: str,

@@ -46,3 +46,16 @@ def train_data(tiny, train_prompt_file, tmp_path_factory):
     from helpers import make_train_data
 
     return make_train_data(tiny.target, train_prompt_file, tmp_path_factory.mktemp("data") / "d")
+
+
+@pytest.fixture(scope="session")
+def eagle3_head(tiny, train_data, tmp_path_factory):
+    """An EAGLE-3 head trained for the tiny target (40 steps on train_data, a few seconds):
+    ``out/draft`` of `dspec train --draft-type eagle3`."""
+    from deepspec_plugin.train.trainer import train
+
+    out = tmp_path_factory.mktemp("eagle3") / "run"
+    result = train(tiny.target, train_data, out, draft_type="eagle3", steps=40, lr=3e-3,
+                   batch_size=4, eval_every=20, save_every=40, draft_vocab_size=256,
+                   progress=False)
+    return result.draft

@@ -36,3 +36,46 @@ def make_train_data(target, prompt_file, out, **settings):
     generate_data(target, [prompt_file], out, **{**defaults, **settings})
     return out
 
+
+# --- chi-square goodness of fit of sampled sequences against a model's exact probabilities ------
+
+
+def exact_cells(model, prompt, depth, n, temperature):
+    """Token sequences of ``depth`` whose target probability x n is >= 5, with that probability.
+
+    Chosen from the target's exact probabilities only (never from samples), so the binning
+    cannot adapt to the data; the mass of every other sequence forms one "rest" cell.
+    """
+    import numpy as np
+    import torch
+
+    cells = {(): 1.0}
+    with torch.inference_mode():
+        for _ in range(depth):
+            prefixes = list(cells)
+            ids = torch.tensor([prompt + list(p) for p in prefixes])
+            logits = model(input_ids=ids).logits[:, -1].float()
+            probs = torch.softmax(logits / temperature, -1).double().numpy()
+            nxt = {}
+            for prefix, row in zip(prefixes, probs):
+                for token in np.nonzero(cells[prefix] * row * n >= 5)[0]:
+                    nxt[prefix + (int(token),)] = cells[prefix] * float(row[token])
+            cells = nxt
+    return cells
+
+
+def gof_pvalue(samples: list[tuple[int, ...]], cells: dict, n: int) -> float:
+    import numpy as np
+    from scipy.stats import chisquare
+
+    index = {c: i for i, c in enumerate(cells)}
+    observed = np.zeros(len(cells) + 1)
+    for s in samples:
+        observed[index.get(s, len(cells))] += 1
+    expected = np.array(list(cells.values()) + [max(0.0, 1.0 - sum(cells.values()))]) * n
+    if expected[-1] < 5:  # fold a tiny rest cell into the smallest cell
+        smallest = int(np.argmin(expected[:-1]))
+        observed[smallest] += observed[-1]
+        expected[smallest] += expected[-1]
+        observed, expected = observed[:-1], expected[:-1]
+    return float(chisquare(observed, expected * n / expected.sum()).pvalue)

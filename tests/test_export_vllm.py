@@ -97,7 +97,7 @@ def test_serving_configs_name_the_method_and_the_export(tiny, exported):
     sc = exported.out / "serving_configs"
     spec = json.loads((sc / "speculative-config.json").read_text())
     assert spec == {"method": "draft_model", "model": str(exported.out),
-                    "num_speculative_tokens": 3}
+                    "num_speculative_tokens": 3, "draft_sample_method": "greedy"}
     serve = yaml.safe_load((sc / "vllm-serve.yaml").read_text())
     assert serve == {"model": str(tiny.target.resolve()), "speculative-config": spec}
     command = (sc / "vllm-command.sh").read_text().splitlines()[-1]
@@ -344,7 +344,8 @@ def test_eagle3_export_through_export_vllm(tiny, tmp_path):
     assert (m.method, m.k) == ("eagle3", 2)
     serve = yaml.safe_load((result.out / "serving_configs" / "vllm-serve.yaml").read_text())
     assert serve["speculative-config"] == {"method": "eagle3", "model": str(result.out),
-                                           "num_speculative_tokens": 2}
+                                           "num_speculative_tokens": 2,
+                                           "draft_sample_method": "greedy"}
     assert tokenizer_fingerprint(result.out) == tokenizer_fingerprint(tiny.target)
 
 

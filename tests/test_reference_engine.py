@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
+from helpers import exact_cells, gof_pvalue
 
 from deepspec_plugin.bench.engines.base import GenerationConfig
 from deepspec_plugin.bench.engines.reference import ReferenceEngine
@@ -150,41 +149,6 @@ def test_sampling_is_reproducible_with_a_seed(engine, k):
     assert _tokens(other) != _tokens(first)
 
 
-def _exact_cells(model, prompt, depth, n, temperature):
-    """Token sequences of ``depth`` whose target probability x n is >= 5, with that probability.
-
-    Chosen from the target's exact probabilities only (never from samples), so the binning
-    cannot adapt to the data; the mass of every other sequence forms one "rest" cell.
-    """
-    cells = {(): 1.0}
-    with torch.inference_mode():
-        for _ in range(depth):
-            prefixes = list(cells)
-            ids = torch.tensor([prompt + list(p) for p in prefixes])
-            logits = model(input_ids=ids).logits[:, -1].float()
-            probs = torch.softmax(logits / temperature, -1).double().numpy()
-            nxt = {}
-            for prefix, row in zip(prefixes, probs):
-                for token in np.nonzero(cells[prefix] * row * n >= 5)[0]:
-                    nxt[prefix + (int(token),)] = cells[prefix] * float(row[token])
-            cells = nxt
-    return cells
-
-
-def _gof_pvalue(samples: list[tuple[int, ...]], cells: dict, n: int) -> float:
-    index = {c: i for i, c in enumerate(cells)}
-    observed = np.zeros(len(cells) + 1)
-    for s in samples:
-        observed[index.get(s, len(cells))] += 1
-    expected = np.array(list(cells.values()) + [max(0.0, 1.0 - sum(cells.values()))]) * n
-    if expected[-1] < 5:  # fold a tiny rest cell into the smallest cell
-        smallest = int(np.argmin(expected[:-1]))
-        observed[smallest] += observed[-1]
-        expected[smallest] += expected[-1]
-        observed, expected = observed[:-1], expected[:-1]
-    return float(chisquare(observed, expected * n / expected.sum()).pvalue)
-
-
 def _sample_and_test(engine, k, temperature, depth, n=3000, seed=9):
     prompt = PROMPTS[1]
     result = engine.generate(
@@ -193,9 +157,9 @@ def _sample_and_test(engine, k, temperature, depth, n=3000, seed=9):
     )
     samples = [tuple(g.token_ids) for g in result.generations]
     assert all(len(s) == depth for s in samples)
-    cells = _exact_cells(engine.target, prompt, depth, n, temperature)
+    cells = exact_cells(engine.target, prompt, depth, n, temperature)
     assert len(cells) >= 20 and sum(cells.values()) > 0.1  # enough spread to mean something
-    return _gof_pvalue(samples, cells, n), result.counts
+    return gof_pvalue(samples, cells, n), result.counts
 
 
 @pytest.mark.parametrize(("k", "temperature", "depth"), [(None, 0.5, 3), (2, 0.5, 3), (2, 1.0, 2)])

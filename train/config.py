@@ -19,6 +19,7 @@ from deepspec_plugin.manifest import FILENAME as DRAFT_MANIFEST
 from deepspec_plugin.train.distributed import PARALLEL_MODES
 
 TEACHERS = ("stored", "online")
+DRAFT_TYPES = ("standalone", "eagle3")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -27,7 +28,9 @@ class TrainConfig:
     target: Path
     data: Path
     out: Path
-    draft_init: str = "layers:2"  # deepspec_plugin.train.init: layers:N, fresh[:...] or a model dir
+    # deepspec_plugin.train.init: layers:N, fresh[:...] or a model dir; for eagle3: "eagle3" (a
+    # new head) or a head's directory. None: the draft type's default (layers:2, eagle3).
+    draft_init: str | None = None
     loss: str = "tvd+fkl"  # deepspec_plugin.train.losses.make_loss spec
     steps: int = 100
     lr: float = 1e-3  # peak; linear warmup then cosine decay
@@ -49,9 +52,20 @@ class TrainConfig:
     on_policy: float = 0.0  # fraction of micro-batches the draft writes itself
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     precision: str = "auto"  # auto (bf16 on CUDA), fp32 or bf16
+    draft_type: str = "standalone"  # standalone (a causal LM) or eagle3 (a head on the target)
+    # eagle3 only (deepspec_plugin.train.eagle3):
+    ttt_steps: int = 7  # draft steps unrolled in training (training-time test)
+    step_weight: float = 0.8  # step i's loss weight: step_weight ** i
+    draft_vocab_size: int | None = None  # None: min(8192, the target's vocabulary)
+    aux_layer_ids: tuple[int, ...] | None = None  # vLLM ids; None: low, middle, high (2, L/2, L-3)
+    target_states_gib: float = 4.0  # the target's states kept in memory (never on disk); 0: none
 
     def __post_init__(self) -> None:
         self.target, self.data, self.out = Path(self.target), Path(self.data), Path(self.out)
+        if self.draft_init is None:
+            self.draft_init = "eagle3" if self.draft_type == "eagle3" else "layers:2"
+        if self.aux_layer_ids is not None:
+            self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
 
     @property
     def lora_spec(self):
@@ -86,6 +100,11 @@ class TrainConfig:
         if not 0.0 <= self.on_policy <= 1.0:
             raise DspecError(f"on_policy must be a fraction in [0, 1], got {self.on_policy}",
                              "e.g. --on-policy 0.25")
+        if self.draft_type not in DRAFT_TYPES:
+            raise DspecError(f"unknown draft type {self.draft_type!r}",
+                             f"use {' or '.join(DRAFT_TYPES)}")
+        if self.draft_type == "eagle3":
+            self._check_eagle3(world)
         if self.precision not in PRECISIONS:
             raise DspecError(f"unknown precision {self.precision!r}",
                              f"use {', '.join(PRECISIONS)}")
@@ -97,6 +116,34 @@ class TrainConfig:
                 raise DspecError("on-policy rollouts under FSDP are not supported (each process "
                                  "decodes a different length, and FSDP needs them in lockstep)",
                                  "use --parallel ddp, or --on-policy 0")
+
+    def _check_eagle3(self, world) -> None:
+        refusals = [
+            (self.lora is not None, "LoRA", "an EAGLE-3 head is small: train it in full"),
+            (self.on_policy > 0, "on-policy rollouts", "use --on-policy 0"),
+            (self.teacher != "stored", "--teacher online",
+             "use the stored signal (--teacher stored); the target runs online anyway"),
+            (world.distributed and self.parallel != "ddp", "FSDP", "use --parallel ddp"),
+        ]
+        for refused, what, fix in refusals:
+            if refused:
+                raise DspecError(f"EAGLE-3 training does not support {what}", fix)
+        if self.ttt_steps < 1:
+            raise DspecError(f"ttt_steps must be >= 1, got {self.ttt_steps}", "e.g. 7")
+        if not 0.0 < self.step_weight <= 1.0:
+            raise DspecError(f"step_weight must be in (0, 1], got {self.step_weight}", "e.g. 0.8")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise DspecError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}",
+                             "e.g. 8192")
+
+    def draft_record(self) -> dict[str, Any] | None:
+        """What a draft type other than standalone adds to the run identity."""
+        if self.draft_type == "standalone":
+            return None
+        return {"type": self.draft_type, "ttt_steps": self.ttt_steps,
+                "step_weight": float(self.step_weight),
+                "draft_vocab_size": self.draft_vocab_size,
+                "aux_layer_ids": list(self.aux_layer_ids) if self.aux_layer_ids else None}
 
     def run_identity(self, world, init_dir: Path, loss_spec: str) -> RunIdentity:
         """This run's identity; ``loss_spec`` is the loss's normalised spec."""
@@ -120,6 +167,7 @@ class TrainConfig:
             teacher=self.teacher,
             on_policy=float(self.on_policy),
             lora=lora_spec.to_json() if lora_spec is not None else None,
+            draft=self.draft_record(),
         )
 
     def training_record(self, world) -> dict[str, Any]:
@@ -153,12 +201,14 @@ class RunIdentity:
     teacher: str
     on_policy: float
     lora: dict[str, Any] | None = None  # absent from the JSON for full fine-tuning
+    draft: dict[str, Any] | None = None  # absent for standalone drafts
 
     def to_json(self) -> dict[str, Any]:
         """As recorded in a checkpoint's ``state.json``."""
         d = asdict(self)
-        if d["lora"] is None:  # so full fine-tuning's identity is what it was before LoRA
-            del d["lora"]
+        for key in ("lora", "draft"):  # so older runs' identities stay what they were
+            if d[key] is None:
+                del d[key]
         return d
 
     def differences(self, recorded: dict[str, Any]) -> list[str]:

@@ -63,6 +63,13 @@ class Draft(ABC):
         """Refuse an init this draft cannot be built from (on rank 0, before anything trains)."""
 
     @classmethod
+    def initialise(cls, cfg, dest: Path, seed: int) -> Path:
+        """The draft's start (``out/init``, or the directory ``cfg.draft_init`` names)."""
+        from deepspec_plugin.train.init import init_draft
+
+        return init_draft(cfg.target, cfg.draft_init, dest, seed=seed)
+
+    @classmethod
     @abstractmethod
     def build(cls, cfg, world: World, init_dir: Path, weights: Path | None) -> Draft:
         """The draft from its init, with the checkpoint weights ``weights`` (what
@@ -76,6 +83,25 @@ class Draft(ABC):
         """The training loss of ``forward``'s output against the target's signal for the
         batch. A draft type whose forward unrolls several steps weighs them here."""
         return loss_fn(output.float(), signal, None)
+
+    def score(self, batch: dict[str, Any], signal_temperature: float,
+              temperature: float) -> dict[str, list[float]]:
+        """Held-out sums over a batch, one entry per draft step: 1 - TVD and greedy agreement,
+        each weighted by its token count, and the counts."""
+        from deepspec_plugin.train.batches import target_signal
+        from deepspec_plugin.train.losses import acceptance_from_tvd, greedy_agreement
+
+        logits = self.forward(batch).float()
+        signal = target_signal(batch, signal_temperature)
+        n = int(batch["mask"].sum())
+        if n == 0:
+            return {"acceptance": [0.0], "greedy": [0.0], "tokens": [0]}
+        return {"acceptance": [float(acceptance_from_tvd(logits, signal, None, temperature)) * n],
+                "greedy": [float(greedy_agreement(logits, signal, None)) * n], "tokens": [n]}
+
+    def timing(self) -> dict[str, float]:
+        """Where the training time went, where the draft type knows (the target's share)."""
+        return {}
 
     @abstractmethod
     def causal_lm(self):

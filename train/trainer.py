@@ -112,8 +112,19 @@ def train(target: Path, data: Path, out: Path, **settings) -> TrainResult:
     return train_with_config(TrainConfig(target, data, out, **settings))
 
 
-def train_with_config(cfg: TrainConfig, draft_type: type[Draft] = StandaloneDraft) -> TrainResult:
-    """Run `cfg` (see the module docstring), training a draft of ``draft_type``."""
+def draft_type_of(cfg: TrainConfig) -> type[Draft]:
+    """The `Draft` class of ``cfg.draft_type``."""
+    if cfg.draft_type == "eagle3":
+        from deepspec_plugin.train.eagle3 import Eagle3Draft
+
+        return Eagle3Draft
+    return StandaloneDraft
+
+
+def train_with_config(cfg: TrainConfig, draft_type: type[Draft] | None = None) -> TrainResult:
+    """Run `cfg` (see the module docstring), training a draft of ``draft_type`` (default: the
+    class of ``cfg.draft_type``)."""
+    draft_type = draft_type or draft_type_of(cfg)
     world, device = dist.setup(cfg.device)
     try:
         cfg = replace(cfg, device=device)  # this process's device (cuda:LOCAL_RANK)
@@ -159,32 +170,34 @@ def evaluate(
     temperature: float,
     signal_temperature: float,
     device: str = "cpu",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Token-weighted held-out 1 - TVD (``acceptance``) and greedy agreement of the draft: a
-    `Draft`, or a bare causal LM."""
+    `Draft`, or a bare causal LM. A draft of several steps (EAGLE-3) adds both per step
+    (``acceptance_per_step``, ``greedy_per_step``: step i given steps < i accepted)."""
     import torch
-
-    from deepspec_plugin.train.losses import acceptance_from_tvd, greedy_agreement
 
     if not isinstance(draft, Draft):
         draft = StandaloneDraft(draft)
     was_training = draft.module.training
     draft.module.eval()
-    acc = greedy = 0.0
-    tokens = 0
+    sums: dict[str, list[float]] = {}
     with torch.no_grad(), _autocast(device, "fp32"):
         for i in range(0, len(samples), batch_size):
             batch = collate(samples[i : i + batch_size], device)
-            logits = draft.forward(batch).float()
-            signal = target_signal(batch, signal_temperature)
-            n = int(batch["mask"].sum())
-            if n == 0:
-                continue
-            acc += float(acceptance_from_tvd(logits, signal, None, temperature)) * n
-            greedy += float(greedy_agreement(logits, signal, None)) * n
-            tokens += n
+            scored = draft.score(batch, signal_temperature, temperature)
+            for key, values in scored.items():
+                total = sums.setdefault(key, [0.0] * len(values))
+                for j, v in enumerate(values):
+                    total[j] += v
     draft.module.train(was_training)
-    return {"acceptance": acc / max(tokens, 1), "greedy": greedy / max(tokens, 1), "tokens": tokens}
+    tokens = sums.get("tokens", [0])
+    acc = [a / max(n, 1) for a, n in zip(sums.get("acceptance", [0.0]), tokens)]
+    greedy = [g / max(n, 1) for g, n in zip(sums.get("greedy", [0.0]), tokens)]
+    out: dict[str, Any] = {"acceptance": acc[0], "greedy": greedy[0], "tokens": int(tokens[0])}
+    if len(acc) > 1:
+        out.update(acceptance_per_step=acc, greedy_per_step=greedy,
+                   tokens_per_step=[int(n) for n in tokens])
+    return out
 
 
 # --- setup --------------------------------------------------------------------------------------
@@ -299,15 +312,13 @@ def setup(cfg: TrainConfig, world: World, draft_type: type[Draft] = StandaloneDr
 
 def _initialise(cfg: TrainConfig, world: World, draft_type: type[Draft]) -> Path:
     """``out/init``, made by rank 0 (a refusal there is raised on every process)."""
-    from deepspec_plugin.train.init import init_draft
-
     out = cfg.out
     created = not out.exists()
     init_error = None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         try:
-            init_dir = init_draft(cfg.target, cfg.draft_init, out / "init", seed=cfg.seed)
+            init_dir = draft_type.initialise(cfg, out / "init", cfg.seed)
             draft_type.check_init(init_dir, cfg)
         except BaseException as e:
             if created:  # a refused init leaves nothing behind (a rerun would find `out`)
@@ -321,7 +332,7 @@ def _initialise(cfg: TrainConfig, world: World, draft_type: type[Draft]) -> Path
     if problem is not None:
         raise DspecError(*problem)
     if not world.is_main:  # rank 0 built it; the others only read it
-        init_dir = init_draft(cfg.target, cfg.draft_init, out / "init", seed=cfg.seed)
+        init_dir = draft_type.initialise(cfg, out / "init", cfg.seed)
     return init_dir
 
 
@@ -393,8 +404,10 @@ def train_loop(s: TrainState) -> bool:
 
         s.rate = s.tokens_per_second()
         if p.step % 10 == 0 or p.step == cfg.steps:
+            share = s.draft.timing().get("target_share")
             s.log(f"step {p.step}/{cfg.steps}: loss {step_loss:.4f}, "
-                  f"lr {s.scheduler.get_last_lr()[0]:.2e}, {s.rate:.0f} tokens/s")
+                  f"lr {s.scheduler.get_last_lr()[0]:.2e}, {s.rate:.0f} tokens/s"
+                  + (f", {share:.0%} of the time in the target" if share is not None else ""))
         if p.step % cfg.eval_every == 0 or p.step == cfg.steps:
             evaluate_held_out(s)
         stopping = cfg.stop_at is not None and cfg.stop_at <= p.step < cfg.steps
@@ -454,6 +467,9 @@ def evaluate_held_out(s: TrainState) -> None:
         f"step {p.step}: held-out acceptance (1-TVD) {e['acceptance']:.4f}, "
         f"greedy agreement {e['greedy']:.4f} over {e['tokens']} tokens"
     )
+    if "acceptance_per_step" in e:
+        s.log("  per draft step, 1-TVD " + " ".join(f"{a:.3f}" for a in e["acceptance_per_step"])
+              + "; greedy " + " ".join(f"{g:.3f}" for g in e["greedy_per_step"]))
 
 
 def save_checkpoint(s: TrainState) -> None:
@@ -521,6 +537,7 @@ def draft_manifest(s: TrainState) -> dict[str, Any]:
             "start_acceptance": first["acceptance"],
             "start_greedy_agreement": first["greedy"],
             "tokens": final["tokens"],
+            **{k: final[k] for k in ("acceptance_per_step", "greedy_per_step") if k in final},
         },
         "tokens_per_second": s.rate,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -87,11 +87,15 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "float32",
     progress: bool = True,
+    draft_sample_method: str = "probabilistic",
 ) -> EvalReport:
     """Run a bench on a target and draft with one engine; write the report into ``out``.
 
     The bench is validated before any model is loaded; the models are resolved and checked as a
     pair; the engine is closed however the run ends. Returns the report (report.json's content).
+    ``draft`` may be an EAGLE-3 head (its directory); ``draft_sample_method`` is how drafts
+    propose at T > 0 (`deepspec_plugin.bench.engines.base.DRAFT_SAMPLE_METHODS`), recorded in
+    the report's engine block with the draft type.
     """
     from deepspec_plugin import models
     from deepspec_plugin.bench.engines.factory import make_engine
@@ -118,6 +122,7 @@ def evaluate(
     eng = make_engine(
         engine, target=target_path, draft=draft_path, device=device, dtype=dtype,
         endpoint=endpoint, speculate=speculate, tokenizer=tokenizer,
+        draft_sample_method=draft_sample_method,
     )
     try:
         return run_bench(spec, eng, tokenizer, out, models_info=models_info, progress=progress)

@@ -186,19 +186,35 @@ def data_generate(
     )
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise DspecError(f"{option} {text!r} is not a comma-separated list of integers",
+                         f"e.g. {option} 2,15,27") from None
+
+
 @app.command("train")
 def train_command(
     target: Annotated[str, typer.Option(help="Target directory, or 'reference'.")],
     data: Annotated[Path, typer.Option(help="Data directory from `dspec data generate`.")],
     out: Annotated[Path, typer.Option(help="Run directory (checkpoints; the draft in out/draft).")],
     draft_init: Annotated[
+        str | None,
+        typer.Option(
+            help="layers:N (the target's first N layers; layers:2 by default), fresh[:layers=L,"
+            "hidden=H,heads=A,kv_heads=G,intermediate=I] (random init, the target's family and "
+            "tokenizer) or a model directory; for --draft-type eagle3, eagle3 (a new head, the "
+            "default) or a head's directory."
+        ),
+    ] = None,
+    draft_type: Annotated[
         str,
         typer.Option(
-            help="layers:N (the target's first N layers), fresh[:layers=L,hidden=H,heads=A,"
-            "kv_heads=G,intermediate=I] (random init, the target's family and tokenizer) or a "
-            "model directory."
+            help="standalone (a small causal LM) or eagle3 (one layer over the target's own "
+            "hidden states, computed online: vLLM's best-served draft)."
         ),
-    ] = "layers:2",
+    ] = "standalone",
     loss: Annotated[
         str,
         typer.Option(
@@ -256,6 +272,27 @@ def train_command(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16.")
     ] = "auto",
+    ttt_steps: Annotated[
+        int, typer.Option(help="eagle3: draft steps unrolled in training (training-time test).")
+    ] = 7,
+    step_weight: Annotated[
+        float, typer.Option(help="eagle3: loss weight of draft step i is STEP_WEIGHT ** i.")
+    ] = 0.8,
+    draft_vocab_size: Annotated[
+        int | None,
+        typer.Option(help="eagle3: tokens the head can propose, the target's most written in "
+                     "the data (stop tokens always in); default min(8192, vocabulary)."),
+    ] = None,
+    target_layers: Annotated[
+        str | None,
+        typer.Option(help="eagle3: target layer ids whose input hidden states feed the head, "
+                     "comma-separated, vLLM's convention (default: 2, L/2, L-3)."),
+    ] = None,
+    target_states_gib: Annotated[
+        float,
+        typer.Option(help="eagle3: memory for the target's hidden states of samples already "
+                     "seen (never written to disk); later epochs then skip the target. 0: none."),
+    ] = 4.0,
 ):
     """Distil a draft for the target on regenerated data.
 
@@ -290,6 +327,12 @@ def train_command(
         on_policy=on_policy,
         parallel=parallel,
         precision=precision,
+        draft_type=draft_type,
+        ttt_steps=ttt_steps,
+        step_weight=step_weight,
+        draft_vocab_size=draft_vocab_size,
+        aux_layer_ids=_int_list(target_layers, "--target-layers") if target_layers else None,
+        target_states_gib=target_states_gib,
     )
     result = train_with_config(config)
     if os.environ.get("RANK", "0") != "0":
@@ -349,6 +392,11 @@ def eval_run(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    draft_sample_method: Annotated[
+        str,
+        typer.Option(help="How the draft proposes at T > 0: probabilistic (sampled) or greedy "
+                     "(its argmax: vLLM's default). Exact either way; the report says which."),
+    ] = "probabilistic",
 ):
     """Run a bench: acceptance, acceptance length, measured and predicted speedup, with 95% CIs."""
     if ctx.invoked_subcommand is not None:
@@ -375,6 +423,7 @@ def eval_run(
         speculate=speculate,
         device=device,
         dtype=dtype,
+        draft_sample_method=draft_sample_method,
     )
     _print_summary(summary_rows(report))
     console.print(f"Report: {out / 'report.md'}")
@@ -451,7 +500,9 @@ def export_vllm_command(
     out: OutOpt,
     k: Annotated[int | None, typer.Option(help="Draft tokens per step (default: the manifest's, "
                                                 "the report's, else 4).")] = None,
-    method: Annotated[str, typer.Option(help="draft_model or eagle3.")] = "draft_model",
+    method: Annotated[str | None, typer.Option(
+        help="draft_model or eagle3 (default: eagle3 for an EAGLE-3 head, this project's or "
+             "DeepSpec's, else draft_model).")] = None,
     report: ReportOpt = None,
     target_name: Annotated[
         str | None,
@@ -463,16 +514,25 @@ def export_vllm_command(
     load: Annotated[bool, typer.Option(
         help="Load the export in real vLLM (where installed) and compare acceptance with the "
              "reference engine.")] = True,
+    draft_sample_method: Annotated[str, typer.Option(
+        help="How vLLM drafts at T > 0: greedy (its argmax, vLLM's default) or probabilistic "
+             "(sampled); written into the speculative config and the manifest.")] = "greedy",
 ):
     """A draft into a directory vLLM serves (draft_model or EAGLE-3), with serving configs."""
+    from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3
     from deepspec_plugin.exporters.vllm import export_vllm
     from deepspec_plugin.models import resolve_model
+    from deepspec_plugin.models.files import is_eagle3_dir
+
+    if method is None:
+        method = "eagle3" if is_eagle3_dir(draft) or is_deepspec_eagle3(draft) else "draft_model"
 
     with console.status("Exporting (and loading in vLLM: a minute or two)..." if load
                         else "Exporting..."):
         result = export_vllm(draft, resolve_model(target), out, k=k, method=method,
                              report=report, target_name=target_name, force=force,
-                             overwrite=overwrite, load=load)
+                             overwrite=overwrite, load=load,
+                             draft_sample_method=draft_sample_method)
     _print_export(result)
 
 
@@ -559,20 +619,22 @@ def quickstart(
         bool, typer.Option(help="Less data, training and bench: a few minutes in all.")
     ] = False,
     train: Annotated[
-        bool, typer.Option(help="Distil the draft (--no-train: bench the untrained one only).")
+        bool, typer.Option(help="Train the drafts (--no-train: bench the untrained draft-init "
+                           "draft only).")
     ] = True,
 ):
-    """The embedded default end to end: reference target, a draft-init draft, training data from
-    the target, distillation, and the quick bench of the untrained and the distilled draft."""
+    """The embedded default end to end: reference target, training data from the target, a
+    distilled standalone draft and an EAGLE-3 head, and the quick bench of both against plain
+    decoding."""
     from deepspec_plugin.recipes.quickstart import comparison_rows, run_quickstart
 
     result = run_quickstart(out, bench=bench, layers=layers, fast=fast, train=train,
                             log=console.print)
-    _print_summary(comparison_rows(result), title="Untrained vs distilled draft (all categories)")
+    _print_summary(comparison_rows(result), title="Drafts against plain decoding (all categories)")
     minutes = sum(result.seconds.values()) / 60
-    console.print(f"Done in {minutes:.1f} min. Reports: {result.untrained_dir / 'report.md'}"
-                  + (f", {result.trained_dir / 'report.md'}" if result.trained_dir else "")
-                  + " (report.json and plots beside them)")
+    reports = ", ".join(str(d / "report.md") for d in result.report_dirs.values())
+    console.print(f"Done in {minutes:.1f} min. Reports: {reports} (report.json and plots beside "
+                  "them)")
 
 
 # --------------------------------------------------------------------------------------- monitor

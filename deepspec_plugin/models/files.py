@@ -71,3 +71,24 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
         raise DspecError(f"{src} has no tokenizer files", "point --target at a model directory "
                          "with its tokenizer files")
     return copied
+
+
+# vLLM 0.32's names for its EAGLE-3 heads (model_executor/models/registry.py); speculators'
+# "Eagle3Speculator" directories are another format (exporters/speculators.py).
+EAGLE3_ARCHITECTURES = frozenset({"Eagle3LlamaForCausalLM", "LlamaForCausalLMEagle3",
+                                  "Eagle3Qwen3ForCausalLM"})
+
+
+def is_eagle3_dir(path: str | Path) -> bool:
+    """True for a directory holding an EAGLE-3 head in vLLM's layout (its config says so)."""
+    from deepspec_plugin.fileio import read_json
+
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return False
+    try:
+        cfg = read_json(cfg_path)
+    except DspecError:
+        return False
+    return isinstance(cfg, dict) and any(
+        a in EAGLE3_ARCHITECTURES for a in cfg.get("architectures") or [])

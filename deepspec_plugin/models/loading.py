@@ -45,12 +45,18 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32"):
 
 
 def check_pair(target: Path, draft: Path) -> None:
-    """Refuse a draft that cannot speculate for `target`: other vocab or tokenizer, not an LM."""
+    """Refuse a draft that cannot speculate for `target`: other vocab or tokenizer, not an LM
+    (an EAGLE-3 head: `check_head_pair`)."""
+    from deepspec_plugin.models.files import is_eagle3_dir
+
     target, draft = Path(target), Path(draft)
     for d in (target, draft):
         require_model_dir(d)
     tcfg, dcfg = read_json(target / "config.json"), read_json(draft / "config.json")
     require_causal_lm(target, tcfg)
+    if is_eagle3_dir(draft):
+        check_head_pair(target, tcfg, draft, dcfg)
+        return
     require_causal_lm(draft, dcfg)
     tv, dv = tcfg.get("vocab_size"), dcfg.get("vocab_size")
     if tv != dv:
@@ -64,3 +70,27 @@ def check_pair(target: Path, draft: Path) -> None:
             + first_tokenizer_difference(target, draft),
             "copy the target's tokenizer files into the draft directory",
         )
+
+
+def check_head_pair(target: Path, tcfg: dict, head: Path, hcfg: dict) -> None:
+    """Refuse an EAGLE-3 head built for another target: its sizes, its layer ids, and the
+    target fingerprint its manifest records (when it has one)."""
+    from deepspec_plugin.manifest import FILENAME, read_manifest
+    from deepspec_plugin.models.fingerprint import fingerprint
+
+    fix = "use the target the head was trained for, or train a head for this one"
+    for key, target_key in (("vocab_size", "vocab_size"), ("target_hidden_size", "hidden_size")):
+        if hcfg.get(key) != tcfg.get(target_key):
+            raise DspecError(f"the EAGLE-3 head {head} has {key} {hcfg.get(key)}, the target "
+                             f"{target} has {target_key} {tcfg.get(target_key)}", fix)
+    ids = hcfg.get("eagle_aux_hidden_state_layer_ids") or []
+    layers = int(tcfg.get("num_hidden_layers") or 0)
+    bad = [i for i in ids if not 1 <= int(i) <= layers]
+    if bad:
+        raise DspecError(f"the EAGLE-3 head {head} reads target layers {ids}, but the target "
+                         f"{target} has {layers} layers", fix)
+    if (head / FILENAME).is_file():
+        recorded = read_manifest(head / FILENAME).target_fingerprint
+        if recorded != fingerprint(target):
+            raise DspecError(f"the EAGLE-3 head {head} was trained for another target "
+                             f"({recorded[:19]}...), not {target}", fix)

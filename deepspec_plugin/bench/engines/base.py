@@ -43,6 +43,22 @@ class BatchResult:
         return sum(len(g.token_ids) for g in self.generations)
 
 
+# How a draft proposes at T > 0: "probabilistic" (sampled from its distribution q, which the
+# exact rule then uses) or "greedy" (its argmax, q one-hot on it: vLLM 0.32's default,
+# ``draft_sample_method`` in vllm/config/speculative.py). Both keep the output exact; greedy
+# drafting accepts less at T > 0. At T = 0 they are the same.
+DRAFT_SAMPLE_METHODS = ("probabilistic", "greedy")
+
+
+def check_draft_sample_method(method: str) -> str:
+    if method not in DRAFT_SAMPLE_METHODS:
+        from deepspec_plugin.errors import DspecError
+
+        raise DspecError(f"unknown draft sampling rule {method!r}",
+                         f"use {' or '.join(DRAFT_SAMPLE_METHODS)}")
+    return method
+
+
 class Engine(ABC):
     """A target (and optionally a draft) loaded once, generating many batches."""
 

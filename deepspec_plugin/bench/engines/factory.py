@@ -26,6 +26,7 @@ def make_engine(
     endpoint: str | None = None,
     speculate: int | None = None,
     tokenizer=None,
+    draft_sample_method: str = "probabilistic",
 ) -> Engine:
     """The engine called ``name``, loaded and ready to generate.
 
@@ -36,7 +37,8 @@ def make_engine(
         from deepspec_plugin.bench.engines.reference import ReferenceEngine
 
         return ReferenceEngine.from_paths(
-            _need_target(name, target), draft, device=device, dtype=dtype
+            _need_target(name, target), draft, device=device, dtype=dtype,
+            draft_sample_method=draft_sample_method,
         )
     if name == "hf":
         from deepspec_plugin.bench.engines.hf import HFAssistedEngine
@@ -46,9 +48,12 @@ def make_engine(
         )
     if name == "vllm":
         from deepspec_plugin.bench.engines.vllm_offline import VLLMOfflineEngine, require_vllm
+        from deepspec_plugin.models.files import is_eagle3_dir
 
         require_vllm()
-        return VLLMOfflineEngine(_need_target(name, target), draft, dtype=dtype)
+        method = "eagle3" if draft is not None and is_eagle3_dir(draft) else "draft_model"
+        return VLLMOfflineEngine(_need_target(name, target), draft, dtype=dtype, method=method,
+                                 draft_sample_method=draft_sample_method)
     if name == "endpoint":
         from deepspec_plugin.bench.engines.endpoint import EndpointEngine
 

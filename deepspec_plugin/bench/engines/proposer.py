@@ -23,17 +23,22 @@ class Proposal:
 
 class Proposer(Protocol):
     def prefill(self, input_ids, attention_mask, position_ids) -> None:
-        """Start a batch: left-padded prompts ``[rows, L]``, their mask and positions."""
+        """Start a batch: left-padded prompts ``[rows, L]``, their mask and positions. (A
+        proposer with ``target_layers`` also gets ``target_states``: the target's hidden states
+        entering those layers, ``[rows, L, n * H]``.)"""
 
     def propose(
-        self, pending, k: int, temperature: float, generator, timer: StepTimer
+        self, pending, k: int, temperature: float, generator, timer: StepTimer,
+        sample: bool = True,
     ) -> Proposal:
         """k tokens per row after ``pending`` ([rows], not yet seen by the proposer), sampled
-        at ``temperature`` (greedy at 0); single-token forwards go through ``timer``."""
+        at ``temperature`` (greedy at 0, or with ``sample`` False: then ``probs`` is None);
+        single-token forwards go through ``timer``."""
 
     def rollback(self, num_accepted, accepted: list[int]) -> None:
         """Keep the first ``num_accepted`` ([rows] tensor; ``accepted`` on the host) proposed
-        tokens of each row and forget the rest."""
+        tokens of each row and forget the rest. (``target_states``, for a proposer with
+        ``target_layers``: the target's states of the verified ``[pending, d_1..d_k]``.)"""
 
     def select(self, index, rows: list[int]) -> None:
         """Keep only these rows (``index`` a device tensor of ``rows``): the others finished."""
@@ -77,7 +82,8 @@ class DraftModelProposer:
         crop(self.cache, self.mask, max(0, min(self.holes)), self.holes)
 
     def propose(
-        self, pending, k: int, temperature: float, generator, timer: StepTimer
+        self, pending, k: int, temperature: float, generator, timer: StepTimer,
+        sample: bool = True,
     ) -> Proposal:
         import torch
 
@@ -101,7 +107,7 @@ class DraftModelProposer:
             started = timer.start()
             logits = self.lm.forward(inputs, mask, positions, self.cache, keep=1)[:, -1]
             timer.stop(started, width=inputs.shape[1])
-            if temperature == 0:
+            if temperature == 0 or not sample:
                 token = logits.argmax(-1)
             else:
                 q = probs_from_logits(logits, temperature)

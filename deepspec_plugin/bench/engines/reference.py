@@ -44,7 +44,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from deepspec_plugin.bench.engines.base import BatchResult, Engine, Generation, GenerationConfig
+from deepspec_plugin.bench.engines.base import (
+    BatchResult,
+    Engine,
+    Generation,
+    GenerationConfig,
+    check_draft_sample_method,
+)
 from deepspec_plugin.bench.engines.cached_lm import CachedLM, RowMask, crop
 from deepspec_plugin.bench.engines.proposer import DraftModelProposer, Proposer
 from deepspec_plugin.bench.engines.timing import StepTimer
@@ -80,10 +86,12 @@ class ReferenceEngine(Engine):
     name = "reference"
 
     def __init__(
-        self, target_model, draft_model=None, device: str = "cpu", proposer: Proposer | None = None
+        self, target_model, draft_model=None, device: str = "cpu", proposer: Proposer | None = None,
+        draft_sample_method: str = "probabilistic",
     ):
         import torch
 
+        self.draft_sample_method = check_draft_sample_method(draft_sample_method)
         self.device = torch.device(device)
         self.target = target_model.to(self.device).eval()
         self.draft = draft_model.to(self.device).eval() if draft_model is not None else None
@@ -102,15 +110,26 @@ class ReferenceEngine(Engine):
 
     @classmethod
     def from_paths(
-        cls, target: Path, draft: Path | None = None, device: str = "cpu", dtype: str = "float32"
+        cls, target: Path, draft: Path | None = None, device: str = "cpu", dtype: str = "float32",
+        draft_sample_method: str = "probabilistic",
     ) -> ReferenceEngine:
         from deepspec_plugin.models import check_pair, load_causal_lm
+        from deepspec_plugin.models.files import is_eagle3_dir
 
+        if draft is not None and is_eagle3_dir(draft):
+            from deepspec_plugin.bench.engines.eagle3_proposer import Eagle3Proposer
+            from deepspec_plugin.models.eagle3 import load_head
+
+            target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
+            head = load_head(draft, target_model, device=device).to(target_model.dtype)
+            return cls(target_model, None, device=device, proposer=Eagle3Proposer(head, device),
+                       draft_sample_method=draft_sample_method)
         if draft is not None:
             check_pair(Path(target), Path(draft))
         target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
         draft_model = load_causal_lm(Path(draft), device=device, dtype=dtype) if draft else None
-        return cls(target_model, draft_model, device=device)
+        return cls(target_model, draft_model, device=device,
+                   draft_sample_method=draft_sample_method)
 
     # --- the Engine interface ------------------------------------------------------------------
 
@@ -156,7 +175,16 @@ class ReferenceEngine(Engine):
             "draft": (getattr(self.draft.config, "_name_or_path", "") or None)
             if self.draft
             else None,
+            "draft_type": self.draft_type,
+            "draft_sample_method": self.draft_sample_method if self.proposer else None,
         }
+
+    @property
+    def draft_type(self) -> str | None:
+        """What proposes: ``draft_model``, ``eagle3`` (a head on the target's states), None."""
+        if self.proposer is None:
+            return None
+        return getattr(self.proposer, "method", "draft_model")
 
     def close(self) -> None:
         import gc
@@ -205,7 +233,25 @@ class ReferenceEngine(Engine):
 
     def _speculative(self, prompts, cfg, requests, generator, timer) -> None:
         """Propose k tokens, verify them in one target pass, repeat; the proposer times its
-        single-token steps."""
+        single-token steps. A proposer with ``target_layers`` (EAGLE-3) gets the target's hidden
+        states entering those layers from the prefill and from every verification."""
+        proposer = self.proposer
+        # Under the greedy rule (vLLM's default at any temperature) the draft proposes its argmax
+        # and the rule sees q as one-hot on it: still exact, but accepts less at T > 0.
+        sampled = self.draft_sample_method == "probabilistic"
+        layers = getattr(proposer, "target_layers", None)  # a head that reads target states
+        capture = None
+        if layers:
+            from deepspec_plugin.models.eagle3 import AuxHiddenStates
+
+            capture = AuxHiddenStates(self.target, layers)
+        try:
+            self._speculate(prompts, cfg, requests, generator, timer, capture, sampled)
+        finally:
+            if capture is not None:
+                capture.remove()
+
+    def _speculate(self, prompts, cfg, requests, generator, timer, capture, sampled) -> None:
         import torch
 
         from deepspec_plugin.bench.engines.rejection import (
@@ -217,11 +263,15 @@ class ReferenceEngine(Engine):
 
         k, temperature, device = cfg.k, cfg.temperature, self.device
         proposer = self.proposer
+
+        def states() -> dict:
+            return {"target_states": capture.take()} if capture is not None else {}
+
         ids, mask = self._left_pad(prompts)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         t_mask, t_cache = RowMask(mask, device), self._target.new_cache()
         logits = self._target.forward(ids, t_mask, positions, t_cache, keep=1)[:, -1]
-        proposer.prefill(ids, mask, positions)
+        proposer.prefill(ids, mask, positions, **states())
         t_valid = mask.sum(-1)  # valid tokens in the target cache per row: the next position
         pending = sample_from_logits(logits, temperature, generator)
         offsets = torch.arange(k + 1, device=device)
@@ -245,7 +295,7 @@ class ReferenceEngine(Engine):
                 crop(t_cache, t_mask, max(0, min(t_holes)), t_holes)
                 proposer.select(index, keep)
 
-            proposal = proposer.propose(pending, k, temperature, generator, timer)
+            proposal = proposer.propose(pending, k, temperature, generator, timer, sampled)
 
             # --- verify: the target scores [pending, d_1..d_k] in one pass
             t_start = t_mask.length
@@ -254,15 +304,15 @@ class ReferenceEngine(Engine):
             target_logits = self._target.forward(
                 verify_inputs, t_mask, t_valid[:, None] + offsets, t_cache, keep=k + 1
             )
+            target_states = states()
             if temperature == 0:
                 num_accepted, next_token = greedy_verify(target_logits, proposal.tokens)
             else:
-                num_accepted, next_token = rejection_sample(
-                    probs_from_logits(target_logits, temperature),
-                    proposal.probs,
-                    proposal.tokens,
-                    generator,
-                )
+                p = probs_from_logits(target_logits, temperature)
+                q = proposal.probs
+                if q is None:  # greedy drafting: q is one-hot on each proposed token
+                    q = torch.zeros_like(p[:, :k]).scatter_(-1, proposal.tokens[..., None], 1.0)
+                num_accepted, next_token = rejection_sample(p, q, proposal.tokens, generator)
             # The loop's one synchronisation: what each row emits.
             host = torch.cat(
                 [proposal.tokens, num_accepted[:, None], next_token[:, None]], 1
@@ -285,7 +335,7 @@ class ReferenceEngine(Engine):
                 ).long()
                 t_mask.dense = False
             t_valid = t_valid + num_accepted + 1
-            proposer.rollback(num_accepted, accepted)
+            proposer.rollback(num_accepted, accepted, **target_states)
             pending = next_token
 
     # --- helpers -------------------------------------------------------------------------------

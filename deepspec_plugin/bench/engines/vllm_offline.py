@@ -109,7 +109,10 @@ class VLLMOfflineEngine(Engine):
         enforce_eager: bool | None = None,
         kv_cache_space_gib: int = 1,
         request_timeout_s: float = 1800.0,
+        draft_sample_method: str = "probabilistic",
     ):
+        from deepspec_plugin.bench.engines.base import check_draft_sample_method
+
         require_vllm()
         self.target = Path(target)
         self.draft = Path(draft) if draft is not None else None
@@ -120,6 +123,7 @@ class VLLMOfflineEngine(Engine):
             "target": str(self.target),
             "draft": str(self.draft) if self.draft else None,
             "method": self.method,
+            "draft_sample_method": check_draft_sample_method(draft_sample_method),
             "dtype": dtype,
             "max_model_len": max_model_len,
             "max_num_seqs": max_num_seqs,
@@ -298,6 +302,8 @@ class VLLMOfflineEngine(Engine):
             **self._describe,
             "batching": "one vLLM batch per call (continuous batching, max_num_seqs >= batch size)",
             "counts": "per request, from vLLM's per-request spec-decode metrics",
+            "draft_type": self.method if self.draft else None,
+            "draft_sample_method": self.options["draft_sample_method"] if self.draft else None,
             "worker_log": str(self._log_path) if self._log_path else None,
         }
 
@@ -426,6 +432,7 @@ class _Worker:
                 "method": o["method"],
                 "model": o["draft"],
                 "num_speculative_tokens": int(k),
+                "draft_sample_method": o.get("draft_sample_method", "probabilistic"),
             }
             kwargs["per_request_spec_decode_metrics"] = "summary"
         try:

@@ -502,7 +502,7 @@ def load_head(path: str | Path, target, device: str = "cpu") -> Eagle3Head:
     if "t2d" not in state:
         state["t2d"] = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         state["t2d"][torch.arange(cfg.draft_vocab_size) + state["d2t"].long()] = True
-    head.load_state_dict({k: v.to(head_state(head)[k].dtype) for k, v in state.items()},
-                         strict=False)
+    dtypes = {k: v.dtype for k, v in head.state_dict().items()}
+    head.load_state_dict({k: v.to(dtypes[k]) for k, v in state.items()}, strict=False)
     head._refresh_maps()
     return head.to(device).eval()

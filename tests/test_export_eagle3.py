@@ -16,13 +16,14 @@ runner (deepspec_plugin.exporters.eagle3_load on VLLMOfflineEngine).
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from eagle3_builders import build_deepspec_eagle3, build_oracle_eagle3, greedy_continuations
+from helpers import copy_model_with as _copy_with
+from helpers import model_config as _config
+from helpers import model_tensors as _load
 from real_servers import needs_vllm
 
 from deepspec_plugin.errors import DspecError
@@ -62,30 +63,7 @@ def _convert(src: Path, target: Path, where: Path) -> tuple[Path, list[str]]:
     return where, write_vllm_eagle3(src, target, where)
 
 
-def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
 
-    return load_file(str(path / "model.safetensors"))
-
-
-def _config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
-
-
-def _copy_with(src: Path, dst: Path, *, tensors=None, config=None) -> Path:
-    """A copy of a checkpoint with its tensors and/or config changed by the given functions."""
-    from safetensors.torch import save_file
-
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        state = _load(src)
-        tensors(state)
-        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config is not None:
-        cfg = _config(src)
-        config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 # --- the DeepSpec-layout builder -----------------------------------------------------------------

@@ -20,6 +20,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import copy_model_with as _copy_with
+from helpers import model_config as _config
+from helpers import model_tensors as _load
 from real_servers import needs_vllm
 
 from deepspec_plugin.cli import main
@@ -60,30 +63,6 @@ def exported(tiny, heads, tmp_path_factory):
     return export_vllm(heads["reduced"], tiny.target, out, k=K, method="eagle3", load=False)
 
 
-def _config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
-
-
-def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-def _copy_with(src: Path, dst: Path, *, tensors=None, config=None) -> Path:
-    """A copy of a head with its tensors and/or config changed in place by the given functions."""
-    from safetensors.torch import save_file
-
-    shutil.copytree(src, dst)
-    if tensors is not None:
-        state = _load(src)
-        tensors(state)
-        save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config is not None:
-        cfg = _config(src)
-        config(cfg)
-        (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -10,14 +10,16 @@ add ``vllm-speculators-command.sh`` (serve their ``speculators/`` directory). Th
 writes its launcher arguments, env file and the same ``helm-values.yaml`` keys. All live in
 ``serving_configs/``.
 
-Helm values schema, shared by both engines::
+``helm-values.yaml`` holds the keys of the chart ``charts/deepspec-serving`` that describe this
+draft (its values.schema.json checks them); the chart builds the engine's command line from them::
 
     engine: vllm | tgi
-    model: what the engine loads as the model (vLLM: the target; TGI: the speculator)
-    draft: the export directory's name (the chart mounts or downloads it)
-    speculative: {method: ..., k: ...}
-    args: [the engine's arguments, exactly]
-    env: {environment variables the engine needs}
+    model: the target (vLLM); empty for TGI, whose model is the speculator itself
+    draft: the export directory's name (the chart looks for it under the model volume's
+           drafts/; after ``dspec push``, --set draft=ORG/NAME downloads it instead)
+    speculative: {method, k, draftSampleMethod (vLLM)}
+    args: [extra engine arguments: TGI's token limits]
+    env: {}
     deepspec: {manifest: deepspec.json}
 """
 
@@ -31,7 +33,8 @@ from typing import Any
 from deepspec_plugin.bench.engines.base import check_draft_sample_method
 
 SERVING_DIR = "serving_configs"
-VLLM_FILES = ("vllm-serve.yaml", "speculative-config.json", "vllm-command.sh", "helm-values.yaml")
+HELM_VALUES = "helm-values.yaml"
+VLLM_FILES = ("vllm-serve.yaml", "speculative-config.json", "vllm-command.sh", HELM_VALUES)
 SPECULATORS_COMMAND = "vllm-speculators-command.sh"  # EAGLE-3 exports only (speculators/ dir)
 # vLLM 0.32's default ``draft_sample_method`` (vllm/config/speculative.py: DraftSampleMethod is
 # "greedy" or "probabilistic", the same two rules as the harness's DRAFT_SAMPLE_METHODS).
@@ -84,15 +87,27 @@ def write_vllm_configs(dest: Path, *, target: str, method: str, draft: str, k: i
         + command + ' "$@"\n'
     )
     (dest / "vllm-command.sh").chmod(0o755)
-    (dest / "helm-values.yaml").write_text(
-        "# Values for charts/ (written by dspec export vllm)\n"
-        + _yaml({
-            "engine": "vllm", "model": target, "draft": draft_name,
-            "speculative": {"method": method, "k": int(k)},
-            "args": args, "env": {}, "deepspec": {"manifest": "deepspec.json"},
-        })
-    )
+    write_helm_values(dest, engine="vllm", model=target, draft_name=draft_name, method=method, k=k,
+                      draft_sample_method=draft_sample_method)
     return list(VLLM_FILES)
+
+
+def write_helm_values(dest: Path, *, engine: str, model: str, draft_name: str, method: str,
+                      k: int, draft_sample_method: str | None = None,
+                      args: list[str] | None = None) -> str:
+    """``helm-values.yaml`` for charts/deepspec-serving (``helm install -f``); its name."""
+    speculative: dict[str, Any] = {"method": method, "k": int(k)}
+    if draft_sample_method is not None:
+        speculative["draftSampleMethod"] = check_draft_sample_method(draft_sample_method)
+    values = {"engine": engine, "model": model, "draft": draft_name, "speculative": speculative,
+              "args": list(args or []), "env": {}, "deepspec": {"manifest": "deepspec.json"}}
+    (dest / HELM_VALUES).write_text(
+        f"# Values for charts/deepspec-serving (written by dspec export {engine}):\n"
+        f"#   helm install NAME charts/deepspec-serving -f {HELM_VALUES}\n"
+        "# draft is this export's name, looked for under the model volume's drafts/; once it is\n"
+        "# on the Hub (dspec push), add --set draft=ORG/NAME. model: the target as the pod sees it.\n"
+        + _yaml(values))
+    return HELM_VALUES
 
 
 def write_speculators_command(dest: Path, *, speculator: str, draft_sample_method: str) -> str:

@@ -30,6 +30,7 @@ from deepspec_plugin.exporters import heads
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
 from deepspec_plugin.exporters.safetensors_io import Planned, renamed, write_safetensors
+from deepspec_plugin.exporters.serving import write_helm_values
 from deepspec_plugin.exporters.tgi_rules import (
     DEFAULT_MAX_BATCH_PREFILL_TOKENS,
     MEDUSA_WEIGHTS,
@@ -56,7 +57,6 @@ from deepspec_plugin.models import (
 
 LAUNCHER_SCRIPT = "serving_configs/tgi-launcher.sh"
 ENV_FILE = "serving_configs/tgi.env"
-HELM_VALUES = "serving_configs/helm-values.yaml"
 
 
 def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
@@ -334,28 +334,5 @@ def _write_serving_configs(tmp: Path, name: str, fmt: str, k: int,
     (tmp / ENV_FILE).write_text(
         f"# text-generation-launcher settings for the {fmt} speculator (dspec export tgi)\n"
         + "".join(f"{key}={shlex.quote(v)}\n" for key, v in env.items()))
-    (tmp / HELM_VALUES).write_text(helm_values_yaml({
-        "engine": "tgi", "model": env["MODEL_ID"], "draft": name,
-        "speculative": {"method": fmt, "k": k}, "args": args, "env": env,
-        "deepspec": {"manifest": "deepspec.json"},
-    }))
-
-
-def helm_values_yaml(values: dict[str, Any]) -> str:
-    """Block-style YAML for the shared Helm values schema; scalars are JSON-quoted (valid YAML)."""
-    lines = ["# Helm values written by dspec export (shared schema: engine, model, draft, "
-             "speculative, args, env, deepspec)"]
-
-    def scalar(v: Any) -> str:
-        return json.dumps(v)
-
-    for key, v in values.items():
-        if isinstance(v, dict):
-            lines.append(f"{key}:")
-            lines += [f"  {k2}: {scalar(v2)}" for k2, v2 in v.items()]
-        elif isinstance(v, list):
-            lines.append(f"{key}:")
-            lines += [f"  - {scalar(x)}" for x in v]
-        else:
-            lines.append(f"{key}: {scalar(v)}")
-    return "\n".join(lines) + "\n"
+    # The chart passes --model-id (the draft where it mounts it) and --speculate itself.
+    write_helm_values(d, engine="tgi", model="", draft_name=name, method=fmt, k=k, args=args[4:])

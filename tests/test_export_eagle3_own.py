@@ -249,7 +249,7 @@ def test_draft_sample_method_is_greedy_by_default_and_everywhere(exported):
                     "draft_sample_method": "greedy"}
     assert serve["speculative-config"] == spec
     assert '"draft_sample_method":"greedy"' in command
-    assert json.loads(helm["args"][helm["args"].index("--speculative-config") + 1]) == spec
+    assert helm["speculative"] == {"method": "eagle3", "k": K, "draftSampleMethod": "greedy"}
     assert any(f.rule == "draft_sample_method" and f.ok and not f.warning
                for f in exported.check.findings)
 

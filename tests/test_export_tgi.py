@@ -472,12 +472,12 @@ def test_launcher_args_env_and_helm(tiny, sources, tmp_path):
     assert env_lines == [f"MODEL_ID={served}", "SPECULATE=2", "MAX_INPUT_TOKENS=256",
                          "MAX_TOTAL_TOKENS=512"]
     values = yaml.safe_load((out / "serving_configs/helm-values.yaml").read_text())
+    # The chart passes --model-id and --speculate itself; the token limits are the extra args.
     assert values == {
-        "engine": "tgi", "model": served, "draft": "out",
-        "speculative": {"method": "medusa", "k": 2}, "args": args,
-        "env": {"MODEL_ID": served, "SPECULATE": "2", "MAX_INPUT_TOKENS": "256",
-                "MAX_TOTAL_TOKENS": "512"},
-        "deepspec": {"manifest": "deepspec.json"},
+        "engine": "tgi", "model": "", "draft": "out",
+        "speculative": {"method": "medusa", "k": 2},
+        "args": ["--max-input-tokens", "256", "--max-total-tokens", "512"],
+        "env": {}, "deepspec": {"manifest": "deepspec.json"},
     }
     assert read_manifest(out).extra["export"]["launcher"] == args
 

@@ -104,10 +104,11 @@ def test_serving_configs_name_the_method_and_the_export(tiny, exported):
     assert command.startswith(f"vllm serve {tiny.target.resolve()} --speculative-config ")
     assert '"method":"draft_model"' in command
     values = yaml.safe_load((sc / "helm-values.yaml").read_text())
-    assert values["engine"] == "vllm" and values["speculative"] == {"method": "draft_model", "k": 3}
-    assert values["draft"] == exported.out.name
-    assert values["deepspec"]["manifest"] == "deepspec.json"
-    assert json.loads(values["args"][values["args"].index("--speculative-config") + 1]) == spec
+    assert values == {"engine": "vllm", "model": str(tiny.target.resolve()),
+                      "draft": exported.out.name,
+                      "speculative": {"method": "draft_model", "k": 3,
+                                      "draftSampleMethod": "greedy"},
+                      "args": [], "env": {}, "deepspec": {"manifest": "deepspec.json"}}
 
 
 def test_vocab_padding_when_only_padding_differs(tiny, tmp_path):

@@ -4,7 +4,37 @@ conftest.py."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
+
+import pytest
+
+# --- command-line tools the project installs (scripts/setup.sh) -------------------------------
+
+
+def require_tool(name: str, install: str) -> str:
+    """Path of the tool ``name``: the test skips without it, or fails when DSPEC_REQUIRE_TOOLS=1
+    (CI, where scripts/setup.sh installed it). ``install`` says how to get it."""
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not installed ({install})"
+        if os.environ.get("DSPEC_REQUIRE_TOOLS") == "1":
+            pytest.fail(f"{reason}, and DSPEC_REQUIRE_TOOLS=1 requires it")
+        pytest.skip(reason)
+    return path
+
+
+def promtool() -> str:
+    return require_tool("promtool", "Debian/Ubuntu: apt-get install prometheus; "
+                                    "scripts/setup.sh does it as root")
+
+
+def run_promtool(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([promtool(), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
 
 # --- training data: the tiny target answers short chat prompts --------------------------------
 

@@ -9,14 +9,12 @@ DSPEC_REQUIRE_TOOLS=1 (CI), where they fail.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
 import pytest
+from helpers import promtool, run_promtool
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.serving.monitoring import (
@@ -31,23 +29,6 @@ from deepspec_plugin.serving.monitoring import (
 REPO = Path(__file__).resolve().parents[1]
 ALERTS_TEST_PATH = Path(__file__).with_name("promtool") / "alerts_test.yml"
 RULE_FILES_LINE = "  - ../../deepspec_plugin/serving/monitoring/alerts.yml"
-
-
-def promtool() -> str:
-    """Path of promtool; skips the test without it, or fails when DSPEC_REQUIRE_TOOLS=1."""
-    path = shutil.which("promtool")
-    if path is None:
-        reason = ("promtool is not installed (Debian/Ubuntu: apt-get install prometheus; "
-                  "scripts/setup.sh does it as root)")
-        if os.environ.get("DSPEC_REQUIRE_TOOLS") == "1":
-            pytest.fail(f"{reason}, and DSPEC_REQUIRE_TOOLS=1 requires it")
-        pytest.skip(reason)
-    return path
-
-
-def run_promtool(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool(), *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
 
 
 # Everything the plugin exposes (deepspec_plugin/serving/telemetry.py).

@@ -129,8 +129,8 @@ the fix. Included once, by the Deployment.
 {{/* Writable places (the root filesystem is read-only) and the Hub token, for every container
 that runs the engine or fetches from the Hub. */}}
 {{- define "deepspec.commonEnv" -}}
-- {name: HOME, value: /scratch/home}
-- {name: XDG_CACHE_HOME, value: /scratch/cache}
+- {name: HOME, value: /scratch}
+- {name: XDG_CACHE_HOME, value: /scratch/.cache}
 - {name: HF_HOME, value: {{ printf "%s/hf" .Values.modelCache.mountPath | quote }}}
 {{- if .Values.hub.existingSecret }}
 - name: HF_TOKEN

@@ -366,3 +366,14 @@ def test_rules_and_dashboard_are_package_data():
     for path in (ALERTS_PATH, DASHBOARD_PATH):
         relative = path.relative_to(package)
         assert any(relative.match(p) for p in patterns), relative
+
+
+def test_dashboard_snapshot_legends_and_gaps():
+    from deepspec_plugin.serving.monitoring.snapshot import break_at_gaps, legend
+
+    assert legend("{{model_name}} position {{ position }} live",
+                  {"model_name": "m", "position": "2"}) == "m position 2 live"
+    assert legend("", {"model_name": "m"}) == ""
+    # A restarted server leaves a hole: the line breaks there instead of bridging it.
+    times, ys = break_at_gaps([(100, "1"), (101, "2"), (110, "3")], start=100, step=1.0)
+    assert times == [0, 1, 2, 10] and ys[:2] == [1.0, 2.0] and ys[2] != ys[2] and ys[3] == 3.0

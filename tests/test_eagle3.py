@@ -190,12 +190,57 @@ def test_exact_resume_equals_straight_run(tiny, train_data, tmp_path):
         straight.evals[-1]["acceptance_per_step"], abs=1e-6)
 
 
+def test_prompt_labels_are_the_targets_own_distribution(tiny, target, train_data):
+    """At a response token the online label is the stored signal again (same target, same
+    prefix); every other position with a next token gets one too."""
+    from deepspec_plugin.models.eagle3 import default_aux_layer_ids
+    from deepspec_plugin.train.batches import collate
+    from deepspec_plugin.train.data import read_data
+    from deepspec_plugin.train.eagle3 import PROMPT_LABEL_TOPK, TargetStates
+
+    samples = list(read_data(train_data))[:3]
+    batch = collate(samples)
+    k = batch["topk_ids"].shape[-1]
+    layers = default_aux_layer_ids(target.config.num_hidden_layers)
+    states = TargetStates(target, layers, 2**30, topk=PROMPT_LABEL_TOPK)
+    aux, (ids, probs, every) = states.batch_with_labels(batch["input_ids"],
+                                                        batch["attention_mask"])
+    # The same states as the stop-early capture, bit for bit.
+    plain = TargetStates(target, layers, 0).batch(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(aux, plain)
+    assert torch.equal(every, batch["attention_mask"][:, 1:].bool())
+    assert (every & ~batch["mask"]).any()  # prompt positions are labelled too
+    resp = batch["mask"]
+    top = min(k, PROMPT_LABEL_TOPK)
+    torch.testing.assert_close(probs[resp][:, :top], batch["topk_probs"][resp][:, :top],
+                               rtol=0, atol=2e-3)
+    sure = batch["topk_probs"][resp][:, 0] - batch["topk_probs"][resp][:, 1] > 1e-2
+    assert torch.equal(ids[resp][sure, 0], batch["topk_ids"][resp][sure, 0])
+    # Remembered: the second call returns the same labels without the target.
+    again = states.batch_with_labels(batch["input_ids"], batch["attention_mask"])[1]
+    assert torch.equal(again[0], ids) and states.remembered == len(samples)
+
+
+def test_training_with_prompt_labels_learns_more_positions(tiny, train_data, tmp_path):
+    settings = dict(steps=4, eval_every=4, save_every=100, **QUICK)
+    plain = train(tiny.target, train_data, tmp_path / "plain", **settings)
+    labelled = train(tiny.target, train_data, tmp_path / "labelled", prompt_labels=True,
+                     **settings)
+    record = json.loads((labelled.draft / "deepspec.json").read_text())
+    assert record["eagle3"]["prompt_labels"] is True
+    # Held out on the responses alone in both: comparable numbers, different training.
+    assert len(labelled.evals[-1]["acceptance_per_step"]) == len(
+        plain.evals[-1]["acceptance_per_step"])
+    assert labelled.evals[-1]["acceptance_per_step"] != plain.evals[-1]["acceptance_per_step"]
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     (dict(lora="r=4"), "EAGLE-3 training does not support LoRA"),
     (dict(on_policy=0.5), "does not support on-policy rollouts"),
     (dict(ttt_steps=0), "ttt_steps must be >= 1"),
     (dict(aux_layer_ids=(1, 7)), r"do not fit the target's 4 layers"),
     (dict(draft_vocab_size=1), "cannot hold the target's"),
+    (dict(draft_type="standalone", prompt_labels=True), "prompt labels are an EAGLE-3 setting"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tiny, train_data, tmp_path,
                                                              settings, message):

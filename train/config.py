@@ -59,6 +59,9 @@ class TrainConfig:
     draft_vocab_size: int | None = None  # None: min(8192, the target's vocabulary)
     aux_layer_ids: tuple[int, ...] | None = None  # vLLM ids; None: low, middle, high (2, L/2, L-3)
     target_states_gib: float = 4.0  # the target's states kept in memory (never on disk); 0: none
+    # Also learn at prompt positions, labelled by the frozen target's own top-k there (from the
+    # same forward that gives the states): EAGLE's fixed-data signal, free, beside the responses.
+    prompt_labels: bool = False
 
     def __post_init__(self) -> None:
         self.target, self.data, self.out = Path(self.target), Path(self.data), Path(self.out)
@@ -105,6 +108,9 @@ class TrainConfig:
                              f"use {' or '.join(DRAFT_TYPES)}")
         if self.draft_type == "eagle3":
             self._check_eagle3(world)
+        elif self.prompt_labels:
+            raise DspecError("prompt labels are an EAGLE-3 setting",
+                             "pass --draft-type eagle3, or leave --prompt-labels out")
         if self.precision not in PRECISIONS:
             raise DspecError(f"unknown precision {self.precision!r}",
                              f"use {', '.join(PRECISIONS)}")
@@ -143,7 +149,8 @@ class TrainConfig:
         return {"type": self.draft_type, "ttt_steps": self.ttt_steps,
                 "step_weight": float(self.step_weight),
                 "draft_vocab_size": self.draft_vocab_size,
-                "aux_layer_ids": list(self.aux_layer_ids) if self.aux_layer_ids else None}
+                "aux_layer_ids": list(self.aux_layer_ids) if self.aux_layer_ids else None,
+                **({"prompt_labels": True} if self.prompt_labels else {})}
 
     def run_identity(self, world, init_dir: Path, loss_spec: str) -> RunIdentity:
         """This run's identity; ``loss_spec`` is the loss's normalised spec."""

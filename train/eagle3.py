@@ -39,6 +39,7 @@ from deepspec_plugin.train.draft import Draft
 DEFAULT_DRAFT_VOCAB = 8192
 DEFAULT_TTT_STEPS = 7
 DEFAULT_STEP_WEIGHT = 0.8
+PROMPT_LABEL_TOPK = 32  # the top-k kept per prompt position, as `dspec data generate` stores
 
 
 # --- the draft vocabulary --------------------------------------------------------------------
@@ -111,42 +112,72 @@ class TargetStates:
     Each sample runs alone (no padding), so a state is bit-for-bit the same whether it was
     remembered or computed again (after a resume, or past the budget): exact resume holds.
     Keyed by the sample's tokens.
+
+    With ``topk`` the target runs to its logits and each sample also keeps the target's own
+    top-k next-token probabilities at every position (in the stored data's format): labels for
+    the prompt positions, which the data holds none for.
     """
 
-    def __init__(self, target, layer_ids, budget_bytes: int):
+    def __init__(self, target, layer_ids, budget_bytes: int, topk: int | None = None):
         from deepspec_plugin.models.eagle3 import AuxHiddenStates
 
-        # The target runs only up to its highest aux layer: no logits are needed.
-        self.capture = AuxHiddenStates(target, layer_ids, stop_early=True)
+        # Without labels the target runs only up to its highest aux layer: no logits needed.
+        self.capture = AuxHiddenStates(target, layer_ids, stop_early=topk is None)
+        self.target, self.topk = target, topk
         self.budget = int(budget_bytes)
         self.used = 0
         self.memory: dict[bytes, Any] = {}
         self.computed = self.remembered = 0
 
-    def batch(self, input_ids, attention_mask):
-        """``[B, L, n_aux * H]`` for a right-padded batch (zeros at padding)."""
+    def _compute(self, tokens):
         import torch
 
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            tokens = ids[mask.bool()]
-            key = tokens.cpu().numpy().tobytes()
-            states = self.memory.get(key)
-            if states is None:
-                with torch.no_grad():
-                    states = self.capture.run(input_ids=tokens[None])[0]
-                self.computed += 1
-                size = states.numel() * states.element_size()
-                if self.used + size <= self.budget:
-                    self.memory[key] = states
-                    self.used += size
-            else:
-                self.remembered += 1
-            rows.append(states)
-        out = rows[0].new_zeros((len(rows), input_ids.shape[1], rows[0].shape[-1]))
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
-        return out
+        with torch.no_grad():
+            if self.topk is None:
+                return self.capture.run(input_ids=tokens[None])[0], None
+            logits = self.target(input_ids=tokens[None]).logits[0, :-1].float()
+            states = self.capture.take()[0]
+            top = torch.topk(torch.softmax(logits, -1), k=self.topk, dim=-1, sorted=True)
+            return states, (top.indices.to(torch.int32), top.values.to(torch.float16))
+
+    def _sample(self, tokens):
+        key = tokens.cpu().numpy().tobytes()
+        entry = self.memory.get(key)
+        if entry is not None:
+            self.remembered += 1
+            return entry
+        entry = self._compute(tokens)
+        self.computed += 1
+        size = sum(t.numel() * t.element_size() for t in (entry[0], *(entry[1] or ())))
+        if self.used + size <= self.budget:
+            self.memory[key] = entry
+            self.used += size
+        return entry
+
+    def batch(self, input_ids, attention_mask):
+        """``[B, L, n_aux * H]`` for a right-padded batch (zeros at padding)."""
+        return self.batch_with_labels(input_ids, attention_mask)[0]
+
+    def batch_with_labels(self, input_ids, attention_mask):
+        """The states, and with ``topk`` the target's labels at every position in collate's
+        layout: (``topk_ids`` ``[B, L - 1, K]``, ``topk_probs``, ``mask`` ``[B, L - 1]``, true
+        where token t + 1 exists); else None."""
+        import torch
+
+        entries = [self._sample(ids[mask.bool()]) for ids, mask in zip(input_ids, attention_mask)]
+        b, width = input_ids.shape
+        out = entries[0][0].new_zeros((b, width, entries[0][0].shape[-1]))
+        for i, (states, _) in enumerate(entries):
+            out[i, : states.shape[0]] = states
+        if self.topk is None:
+            return out, None
+        ids = torch.zeros((b, width - 1, self.topk), dtype=torch.long, device=input_ids.device)
+        probs = torch.zeros((b, width - 1, self.topk), dtype=torch.float32,
+                            device=input_ids.device)
+        for i, (_, (tids, tprobs)) in enumerate(entries):
+            ids[i, : len(tids)] = tids.long()
+            probs[i, : len(tids)] = tprobs.float()
+        return out, (ids, probs, attention_mask[:, 1:].bool())
 
 
 # --- the unrolled forward (training-time test) -----------------------------------------------
@@ -263,8 +294,10 @@ class Eagle3Draft(Draft):
         self.head, self.target, self.cfg, self.world = head, target, cfg, world
         self.steps = int(cfg.ttt_steps)
         self.weights = [float(cfg.step_weight) ** i for i in range(self.steps)]
+        self.prompt_labels = bool(getattr(cfg, "prompt_labels", False))
         self.states = TargetStates(target, head.cfg.aux_layer_ids,
-                                   int(cfg.target_states_gib * 2**30))
+                                   int(cfg.target_states_gib * 2**30),
+                                   topk=PROMPT_LABEL_TOPK if self.prompt_labels else None)
         self.module = dist.wrap(_ttt_module(head, self.steps), world, cfg.parallel)
         self.target_seconds = 0.0  # time in the target's forward, for the share it takes
         self.head_seconds = 0.0
@@ -344,9 +377,15 @@ class Eagle3Draft(Draft):
 
     # --- the step ----------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, Any]):
+    def forward(self, batch: dict[str, Any], prompt_labels: bool | None = None):
+        """The unrolled head on a batch. With prompt labels (training), every position is
+        learnt, labelled by the target's own top-k from the forward that gave its states: at a
+        response token that is the stored signal again (same target, same prefix)."""
         started = time.perf_counter()
-        aux = self.states.batch(batch["input_ids"], batch["attention_mask"])
+        aux, labels = self.states.batch_with_labels(batch["input_ids"], batch["attention_mask"])
+        if self.prompt_labels if prompt_labels is None else prompt_labels:
+            ids, probs, every = labels
+            batch = {**batch, "topk_ids": ids, "topk_probs": probs, "mask": every}
         mid = time.perf_counter()
         out = self.module(aux, batch["input_ids"], batch["mask"])
         self.target_seconds += mid - started
@@ -371,7 +410,7 @@ class Eagle3Draft(Draft):
         """Held-out sums per step: 1 - TVD and greedy agreement, and the token counts."""
         from deepspec_plugin.train.losses import acceptance_from_tvd, greedy_agreement
 
-        output = self.forward(batch)
+        output = self.forward(batch, prompt_labels=False)  # held out: the responses only
         signals = step_signals(self.head, output, batch, signal_temperature)
         acc, greedy, tokens = [], [], []
         for logits, sig in zip(output.logits, signals):
@@ -430,5 +469,6 @@ class Eagle3Draft(Draft):
             "target_layer_ids": list(c.aux_layer_ids), "layer_id_convention": "vllm (input of "
             "layer i)", "draft_vocab_size": c.draft_vocab_size, "vocab_size": c.vocab_size,
             "ttt_steps": self.steps, "step_weight": float(self.cfg.step_weight),
+            "prompt_labels": self.prompt_labels,
             "parameters": sum(p.numel() for p in self.head.parameters()),
             "hidden_states_on_disk_bytes": 0, **self.timing()}}

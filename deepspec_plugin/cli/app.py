@@ -293,6 +293,11 @@ def train_command(
         typer.Option(help="eagle3: memory for the target's hidden states of samples already "
                      "seen (never written to disk); later epochs then skip the target. 0: none."),
     ] = 4.0,
+    prompt_labels: Annotated[
+        bool,
+        typer.Option(help="eagle3: also learn at the prompt positions, labelled by the "
+                     "target's own distribution there (from the forward that gives its states)."),
+    ] = False,
 ):
     """Distil a draft for the target on regenerated data.
 
@@ -329,6 +334,7 @@ def train_command(
         precision=precision,
         draft_type=draft_type,
         ttt_steps=ttt_steps,
+        prompt_labels=prompt_labels,
         step_weight=step_weight,
         draft_vocab_size=draft_vocab_size,
         aux_layer_ids=_int_list(target_layers, "--target-layers") if target_layers else None,

@@ -245,12 +245,17 @@ def test_matrix_renders_valid_manifests(case, crds, tmp_path):
         assert {"Deployment", "Service", "Pod"} <= present  # Pod: the helm test
 
 
+def render_export(values_file: Path, tmp_path: Path, kube_version: str) -> tuple[list, dict]:
+    """The chart rendered with an export's own helm-values.yaml (validated), and those values."""
+    objects = template(tmp_path, files=(values_file,), kube_version=kube_version)
+    validate(objects, kube_version)
+    return objects, yaml.safe_load(values_file.read_text())
+
+
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_the_values_dspec_export_writes_render_valid_manifests(vllm_export_values, tmp_path,
                                                                kube_version):
-    objects = template(tmp_path, files=(vllm_export_values,), kube_version=kube_version)
-    validate(objects, kube_version)
-    exported = yaml.safe_load(vllm_export_values.read_text())
+    objects, exported = render_export(vllm_export_values, tmp_path, kube_version)
     args = container(objects, "vllm")["args"]
     spec = json.loads(args[args.index("--speculative-config") + 1])
     # One definition of the speculative config: the exporter's, at the path the pod sees.
@@ -263,9 +268,7 @@ def test_the_values_dspec_export_writes_render_valid_manifests(vllm_export_value
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_the_values_dspec_export_tgi_writes_render_valid_manifests(tgi_export_values, tmp_path,
                                                                    kube_version):
-    objects = template(tmp_path, files=(tgi_export_values,), kube_version=kube_version)
-    validate(objects, kube_version)
-    exported = yaml.safe_load(tgi_export_values.read_text())
+    objects, exported = render_export(tgi_export_values, tmp_path, kube_version)
     args = container(objects, "tgi")["args"]
     assert args[:4] == ["--model-id", f"/models/drafts/{exported['draft']}", "--speculate", "2"]
     assert args[-4:] == exported["args"] and "--max-total-tokens" in args

@@ -294,7 +294,7 @@ class Eagle3Draft(Draft):
         self.head, self.target, self.cfg, self.world = head, target, cfg, world
         self.steps = int(cfg.ttt_steps)
         self.weights = [float(cfg.step_weight) ** i for i in range(self.steps)]
-        self.prompt_labels = bool(getattr(cfg, "prompt_labels", False))
+        self.prompt_labels = bool(cfg.prompt_labels)
         self.states = TargetStates(target, head.cfg.aux_layer_ids,
                                    int(cfg.target_states_gib * 2**30),
                                    topk=PROMPT_LABEL_TOPK if self.prompt_labels else None)

@@ -70,6 +70,15 @@ def substitute(expr: str, values: dict[str, str]) -> str:
     return _VARIABLE.sub(replace, expr)
 
 
+def variable_values(dashboard: dict, substitutions: dict[str, str] | None = None) -> dict[str, str]:
+    """A value for every variable the dashboard's queries may use: its template variables as
+    ``.*``, Grafana's interval variables as ``BUILTIN_SUBSTITUTIONS``; ``substitutions`` win."""
+    values = dict(BUILTIN_SUBSTITUTIONS)
+    values.update({name: TEMPLATE_VARIABLE_DEFAULT for name in template_variables(dashboard)})
+    values.update(substitutions or {})
+    return values
+
+
 def dashboard_queries(
     dashboard: dict | None = None, substitutions: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
@@ -80,9 +89,7 @@ def dashboard_queries(
     "my-model", "__rate_interval": "30s"}``).
     """
     dashboard = load_dashboard() if dashboard is None else dashboard
-    values = dict(BUILTIN_SUBSTITUTIONS)
-    values.update({name: TEMPLATE_VARIABLE_DEFAULT for name in template_variables(dashboard)})
-    values.update(substitutions or {})
+    values = variable_values(dashboard, substitutions)
     queries = []
     for panel in iter_panels(dashboard):
         for target in panel.get("targets", []):

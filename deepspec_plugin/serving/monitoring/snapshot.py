@@ -16,12 +16,10 @@ from pathlib import Path
 
 from deepspec_plugin.openai_http import Client
 from deepspec_plugin.serving.monitoring import (
-    BUILTIN_SUBSTITUTIONS,
-    TEMPLATE_VARIABLE_DEFAULT,
     iter_panels,
     load_dashboard,
     substitute,
-    template_variables,
+    variable_values,
 )
 
 GRID_COLUMNS = 24  # Grafana's grid: 24 columns; a row unit is about 30 px
@@ -71,12 +69,10 @@ def render_dashboard(prometheus_url: str, out: str | Path, *, start: float, end:
     import matplotlib.pyplot as plt
 
     dashboard = load_dashboard() if dashboard is None else dashboard
-    values = dict(BUILTIN_SUBSTITUTIONS)
     span = max(int(end - start), 1)
-    values.update({"__rate_interval": rate_interval, "__interval": f"{step:g}s",
-                   "__range": f"{span}s", "__range_s": str(span), "__range_ms": str(span * 1000)})
-    values.update({name: TEMPLATE_VARIABLE_DEFAULT for name in template_variables(dashboard)})
-    values.update(substitutions or {})
+    intervals = {"__rate_interval": rate_interval, "__interval": f"{step:g}s",
+                 "__range": f"{span}s", "__range_s": str(span), "__range_ms": str(span * 1000)}
+    values = variable_values(dashboard, {**intervals, **(substitutions or {})})
     prom = PrometheusReader(prometheus_url)
     panels = list(iter_panels(dashboard))
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)

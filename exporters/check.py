@@ -3,7 +3,8 @@
 Run at the end of every export (before the export is renamed into place) and on its own. The
 format comes from the manifest's ``method``: TGI's head formats are checked by
 :mod:`deepspec_plugin.exporters.tgi_rules`, EAGLE-3 by
-:mod:`deepspec_plugin.exporters.eagle3_rules`, a vLLM ``draft_model`` here:
+:mod:`deepspec_plugin.exporters.eagle3_rules`, Medusa for vLLM by
+:mod:`deepspec_plugin.exporters.medusa_vllm`, a vLLM ``draft_model`` here:
 
 * files: ``config.json``, safetensors weights only (pickles refused, never read), the tokenizer
   files, ``deepspec.json``, the serving configs, whose speculative config must name the draft
@@ -75,11 +76,21 @@ def check_export(path: str | Path, target: str | Path | None = None, *, load: bo
                          "export the draft with dspec export vllm or dspec export tgi")
     manifest = read_manifest(path)
     target_path = export_target(path, target)
-    if manifest.method in ("medusa", "mlp_speculator"):
+    engine = (manifest.extra.get("export") or {}).get("engine")
+    if manifest.method in ("medusa", "mlp_speculator") and engine != "vllm":
         from deepspec_plugin.exporters.tgi_rules import check_tgi
 
         return check_tgi(path, target_path)
     report = CheckReport(path=path, format=manifest.method)
+    if manifest.method == "medusa":
+        from deepspec_plugin.exporters.medusa_vllm import check_vllm_medusa
+
+        check_vllm_medusa(report, path, target_path)
+        _common_rules(report, path, manifest, target_path, target_fingerprint)
+        if load and report.ok and target_path is not None and _vllm_installed(report):
+            report.load = _vllm_load(real_load, path, target_path, manifest.k or 1)
+            report.add("vllm_load", report.load["equal"], report.load["summary"])
+        return report
     if manifest.method == "eagle3":
         from deepspec_plugin.exporters.eagle3_rules import check_vllm_eagle3
         from deepspec_plugin.exporters.speculators import check_speculators_dir

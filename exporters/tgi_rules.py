@@ -306,6 +306,13 @@ def _check_mlp(report: CheckReport, export_dir: Path, config: dict[str, Any]):
     if not isinstance(scale, bool):
         report.add("mlp.config.scale_input", False, f"scale_input should be a boolean, got "
                    f"{scale!r} (TGI takes any truthy value)", SRC_MLP_LOAD, warning=True)
+    elif scale:
+        # fms-extras and vLLM normalise the target's state first (ln0(h) / sqrt 2) when it is
+        # set; TGI's tied speculator has no ln0 and feeds h as it is.
+        report.add("mlp.config.scale_input", False, "scale_input is true, which TGI ignores "
+                   "(no input norm in MLPSpeculatorModelTied): TGI runs another function than "
+                   "the one trained with scaled input, and accepts less", SRC_MLP_TIED_FWD,
+                   warning=True)
 
     # get_model passes every *.safetensors file of the directory to the loader.
     files = sorted(export_dir.glob("*.safetensors"))
@@ -381,6 +388,12 @@ def _check_manifest_and_launcher(report: CheckReport, export_dir: Path, fmt: str
         ok = str(value).isdigit() and 1 <= int(value) <= heads
         report.add("speculate.within_heads", ok, f"{name} = {value} <= {heads} heads" if ok else
                    f"{name} = {value} but the speculator has {heads} heads", SRC_GET_MODEL)
+        if ok and fmt == MLP_SPECULATOR and int(value) != heads:
+            # MLPSpeculatorModelTied: n_predict = get_speculate(), state_weight from it.
+            report.add("mlp.speculate_is_n_predict", False, f"{name} = {value}, n_predict = "
+                       f"{heads}: TGI weighs the stages' state by 0.5 ** (0.5 / --speculate), "
+                       "so any other --speculate than n_predict changes the speculator",
+                       SRC_MLP_TIED, warning=True)
     if env:
         try:
             mi, mt = int(env["MAX_INPUT_TOKENS"]), int(env["MAX_TOTAL_TOKENS"])

@@ -1,6 +1,6 @@
 """`dspec export vllm`: a draft into a directory vLLM loads as its speculative model.
 
-Two methods:
+Three methods:
 
 * ``draft_model``: a standalone draft LM. The output is self-contained: safetensors weights
   (streamed tensor by tensor from the draft's files), its config with the target's vocabulary
@@ -8,6 +8,9 @@ Two methods:
   and target differ only by padding rows of the vocabulary, the embedding and head are padded (or
   cut back to unused rows) to the target's size, and the export says so. Where the tokenizers
   truly differ the export is refused, naming the first differing tokens.
+* ``medusa``: Medusa heads (``dspec train --draft-type medusa``, TGI's layout) renamed into
+  vLLM 0.32's ``MedusaModel`` (:mod:`deepspec_plugin.exporters.medusa_vllm`; vLLM 0.33 removed
+  Medusa, and 0.32 cannot run the MLP speculator, whose export is refused for TGI's);
 * ``eagle3``: an EAGLE-3 head in DeepSpec's layout, converted by
   :mod:`deepspec_plugin.exporters.eagle3`, or one of the project's own heads (already vLLM's
   layout: ``dspec train --draft-type eagle3``), checked and copied by
@@ -56,7 +59,7 @@ from deepspec_plugin.manifest import (
     write_manifest,
 )
 
-METHODS = ("draft_model", "eagle3")
+METHODS = ("draft_model", "eagle3", "medusa")
 DEFAULT_K = 4
 INDEX_FILE = "model.safetensors.index.json"
 # Tensors whose first dimension is the vocabulary (Llama-like names and GPT-2's).
@@ -95,6 +98,11 @@ def export_vllm(
     """
     draft, out = Path(draft), Path(out).absolute()
     target = models.resolve_model(str(target))
+    if method == "mlp_speculator":
+        from deepspec_plugin.bench.engines.vllm_offline import MLP_SPECULATOR_REFUSAL
+
+        raise DspecError(MLP_SPECULATOR_REFUSAL, "export it for TGI (dspec export tgi), the "
+                         "engine that serves MLP speculators")
     if method not in METHODS:
         raise DspecError(f"unknown vLLM export method {method!r}",
                          f"use one of {', '.join(METHODS)}")
@@ -127,6 +135,13 @@ def export_vllm(
             layout = "DeepSpec's" if is_deepspec_eagle3(draft) else "vLLM's"
             raise DspecError(f"{draft} is an EAGLE-3 head ({layout} layout), not a draft model",
                              "pass --method eagle3")
+    if method == "draft_model":
+        from deepspec_plugin.models.files import head_draft_kind
+
+        kind = head_draft_kind(draft)
+        if kind is not None:
+            raise DspecError(f"{draft} is a {kind} draft (heads on the target), not a draft "
+                             "model", f"pass --method {kind}")
     if source is not None and source.method != method:
         raise DspecError(f"{draft} is a {source.method} draft (its manifest says so), not {method}",
                          f"pass --method {source.method}")
@@ -151,6 +166,10 @@ def export_vllm(
         if method == "draft_model":
             write_weights(plan, stage)
             notes += plan.notes
+        elif method == "medusa":
+            from deepspec_plugin.exporters.medusa_vllm import write_vllm_medusa
+
+            notes += write_vllm_medusa(draft, tcfg, stage, k)
         else:
             notes += write_eagle3(draft, target, stage, layout)
             from deepspec_plugin.exporters.speculators import SPECULATORS_DIR, write_speculators

@@ -59,3 +59,25 @@ def eagle3_head(tiny, train_data, tmp_path_factory):
                    batch_size=4, eval_every=20, save_every=40, draft_vocab_size=256,
                    progress=False)
     return result.draft
+
+
+def _train_heads(tiny, train_data, tmp_path_factory, kind: str):
+    from deepspec_plugin.train.trainer import train
+
+    out = tmp_path_factory.mktemp(kind) / "run"
+    return train(tiny.target, train_data, out, draft_type=kind, steps=40, lr=3e-3,
+                 batch_size=4, eval_every=20, save_every=40, progress=False).draft
+
+
+@pytest.fixture(scope="session")
+def medusa_draft(tiny, train_data, tmp_path_factory):
+    """3 Medusa heads trained for the tiny target (40 steps, about a second): ``out/draft`` of
+    `dspec train --draft-type medusa`."""
+    return _train_heads(tiny, train_data, tmp_path_factory, "medusa")
+
+
+@pytest.fixture(scope="session")
+def mlp_draft(tiny, train_data, tmp_path_factory):
+    """A 3-stage MLP speculator trained for the tiny target (40 steps): ``out/draft`` of
+    `dspec train --draft-type mlp_speculator`."""
+    return _train_heads(tiny, train_data, tmp_path_factory, "mlp_speculator")

@@ -196,7 +196,7 @@ def test_prompt_labels_are_the_targets_own_distribution(tiny, target, train_data
     from deepspec_plugin.models.eagle3 import default_aux_layer_ids
     from deepspec_plugin.train.batches import collate
     from deepspec_plugin.train.data import read_data
-    from deepspec_plugin.train.eagle3 import PROMPT_LABEL_TOPK, TargetStates
+    from deepspec_plugin.train.steps import PROMPT_LABEL_TOPK, TargetStates
 
     samples = list(read_data(train_data))[:3]
     batch = collate(samples)
@@ -240,7 +240,8 @@ def test_training_with_prompt_labels_learns_more_positions(tiny, train_data, tmp
     (dict(ttt_steps=0), "ttt_steps must be >= 1"),
     (dict(aux_layer_ids=(1, 7)), r"do not fit the target's 4 layers"),
     (dict(draft_vocab_size=1), "cannot hold the target's"),
-    (dict(draft_type="standalone", prompt_labels=True), "prompt labels are an EAGLE-3 setting"),
+    (dict(draft_type="standalone", prompt_labels=True),
+     "prompt labels are a setting of drafts on the target"),
 ])
 def test_bad_settings_are_refused_before_anything_is_written(tiny, train_data, tmp_path,
                                                              settings, message):

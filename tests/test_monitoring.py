@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import promtool, run_promtool
+from helpers import run_promtool
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.serving.monitoring import (

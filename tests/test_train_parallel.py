@@ -125,3 +125,31 @@ def test_two_processes_train_an_eagle3_head_like_one(tiny, train_data, tmp_path)
                         load_file(str(tmp_path / "two" / "draft" / "model.safetensors")))
     manifest = json.loads((tmp_path / "two" / "draft" / "deepspec.json").read_text())
     assert manifest["training"]["processes"] == 2 and manifest["method"] == "eagle3"
+
+
+def test_two_processes_train_medusa_heads_like_one(tiny, train_data, tmp_path):
+    """Medusa under DDP, through the CLI (--draft-type medusa --heads 2): each process runs the
+    target on its own slice, and 2 x 2 trains as 1 x 4."""
+    settings = dict(loss="tvd", steps=STEPS, lr=2e-3, warmup_steps=2, eval_fraction=0.25,
+                    eval_every=2, save_every=2, seed=0)
+    one = train(tiny.target, train_data, tmp_path / "one", batch_size=4, draft_type="medusa",
+                heads=2, progress=False, **settings)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "deepspec_plugin.cli", "train", "--target", str(tiny.target), "--data",
+        str(train_data), "--out", str(tmp_path / "two"), "--batch-size", "2",
+        "--draft-type", "medusa", "--heads", "2", "--loss", "tvd",
+        "--steps", str(STEPS), "--lr", "2e-3", "--eval-every", "2", "--save-every", "2",
+        "--warmup-steps", "2", "--eval-fraction", "0.25", "--seed", "0",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    name = "medusa_lm_head.safetensors"
+    assert_same_weights(load_file(str(one.draft / name)),
+                        load_file(str(tmp_path / "two" / "draft" / name)))
+    manifest = json.loads((tmp_path / "two" / "draft" / "deepspec.json").read_text())
+    assert manifest["training"]["processes"] == 2 and manifest["method"] == "medusa"
+    assert manifest["k"] == 2

@@ -19,7 +19,8 @@ from deepspec_plugin.manifest import FILENAME as DRAFT_MANIFEST
 from deepspec_plugin.train.distributed import PARALLEL_MODES
 
 TEACHERS = ("stored", "online")
-DRAFT_TYPES = ("standalone", "eagle3")
+DRAFT_TYPES = ("standalone", "eagle3", "medusa", "mlp_speculator")
+HEAD_TYPES = ("eagle3", "medusa", "mlp_speculator")  # drafts on the target's hidden states
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -52,10 +53,15 @@ class TrainConfig:
     on_policy: float = 0.0  # fraction of micro-batches the draft writes itself
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     precision: str = "auto"  # auto (bf16 on CUDA), fp32 or bf16
-    draft_type: str = "standalone"  # standalone (a causal LM) or eagle3 (a head on the target)
+    # standalone (a causal LM), or a draft on the target's hidden states: eagle3 (one decoder
+    # layer), medusa (residual heads) or mlp_speculator (IBM's, for TGI)
+    draft_type: str = "standalone"
+    step_weight: float = 0.8  # eagle3 / medusa / mlp_speculator: step i's loss weight ** i
+    # medusa / mlp_speculator only (deepspec_plugin.train.heads):
+    heads: int = 3  # Medusa heads, or MLP-speculator stages: the most tokens one proposal has
+    head_layers: int = 1  # Medusa: residual blocks per head
     # eagle3 only (deepspec_plugin.train.eagle3):
     ttt_steps: int = 7  # draft steps unrolled in training (training-time test)
-    step_weight: float = 0.8  # step i's loss weight: step_weight ** i
     draft_vocab_size: int | None = None  # None: min(8192, the target's vocabulary)
     aux_layer_ids: tuple[int, ...] | None = None  # vLLM ids; None: low, middle, high (2, L/2, L-3)
     target_states_gib: float = 4.0  # the target's states kept in memory (never on disk); 0: none
@@ -66,7 +72,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.target, self.data, self.out = Path(self.target), Path(self.data), Path(self.out)
         if self.draft_init is None:
-            self.draft_init = "eagle3" if self.draft_type == "eagle3" else "layers:2"
+            self.draft_init = (self.draft_type if self.draft_type in HEAD_TYPES
+                               else "layers:2")
         if self.aux_layer_ids is not None:
             self.aux_layer_ids = tuple(int(i) for i in self.aux_layer_ids)
 
@@ -106,11 +113,12 @@ class TrainConfig:
         if self.draft_type not in DRAFT_TYPES:
             raise DspecError(f"unknown draft type {self.draft_type!r}",
                              f"use {' or '.join(DRAFT_TYPES)}")
-        if self.draft_type == "eagle3":
-            self._check_eagle3(world)
+        if self.draft_type in HEAD_TYPES:
+            self._check_head_draft(world)
         elif self.prompt_labels:
-            raise DspecError("prompt labels are an EAGLE-3 setting",
-                             "pass --draft-type eagle3, or leave --prompt-labels out")
+            raise DspecError("prompt labels are a setting of drafts on the target's states",
+                             "pass --draft-type eagle3, medusa or mlp_speculator, or leave "
+                             "--prompt-labels out")
         if self.precision not in PRECISIONS:
             raise DspecError(f"unknown precision {self.precision!r}",
                              f"use {', '.join(PRECISIONS)}")
@@ -123,9 +131,11 @@ class TrainConfig:
                                  "decodes a different length, and FSDP needs them in lockstep)",
                                  "use --parallel ddp, or --on-policy 0")
 
-    def _check_eagle3(self, world) -> None:
+    def _check_head_draft(self, world) -> None:
+        name = {"eagle3": "EAGLE-3", "medusa": "Medusa",
+                "mlp_speculator": "MLP-speculator"}[self.draft_type]
         refusals = [
-            (self.lora is not None, "LoRA", "an EAGLE-3 head is small: train it in full"),
+            (self.lora is not None, "LoRA", "a head draft is small: train it in full"),
             (self.on_policy > 0, "on-policy rollouts", "use --on-policy 0"),
             (self.teacher != "stored", "--teacher online",
              "use the stored signal (--teacher stored); the target runs online anyway"),
@@ -133,7 +143,11 @@ class TrainConfig:
         ]
         for refused, what, fix in refusals:
             if refused:
-                raise DspecError(f"EAGLE-3 training does not support {what}", fix)
+                raise DspecError(f"{name} training does not support {what}", fix)
+        if self.draft_type != "eagle3":
+            if self.heads < 1 or self.head_layers < (1 if self.draft_type == "medusa" else 0):
+                raise DspecError(f"{name} needs heads >= 1 and head_layers >= 1, got "
+                                 f"{self.heads} and {self.head_layers}", "e.g. --heads 3")
         if self.ttt_steps < 1:
             raise DspecError(f"ttt_steps must be >= 1, got {self.ttt_steps}", "e.g. 7")
         if not 0.0 < self.step_weight <= 1.0:
@@ -146,6 +160,11 @@ class TrainConfig:
         """What a draft type other than standalone adds to the run identity."""
         if self.draft_type == "standalone":
             return None
+        if self.draft_type != "eagle3":
+            return {"type": self.draft_type, "heads": self.heads,
+                    "step_weight": float(self.step_weight),
+                    **({"head_layers": self.head_layers} if self.draft_type == "medusa" else {}),
+                    **({"prompt_labels": True} if self.prompt_labels else {})}
         return {"type": self.draft_type, "ttt_steps": self.ttt_steps,
                 "step_weight": float(self.step_weight),
                 "draft_vocab_size": self.draft_vocab_size,

@@ -118,6 +118,10 @@ def draft_type_of(cfg: TrainConfig) -> type[Draft]:
         from deepspec_plugin.train.eagle3 import Eagle3Draft
 
         return Eagle3Draft
+    if cfg.draft_type in ("medusa", "mlp_speculator"):
+        from deepspec_plugin.train.heads import MedusaDraft, MlpSpeculatorDraft
+
+        return MedusaDraft if cfg.draft_type == "medusa" else MlpSpeculatorDraft
     return StandaloneDraft
 
 

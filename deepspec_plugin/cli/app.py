@@ -204,15 +204,16 @@ def train_command(
         typer.Option(
             help="layers:N (the target's first N layers; layers:2 by default), fresh[:layers=L,"
             "hidden=H,heads=A,kv_heads=G,intermediate=I] (random init, the target's family and "
-            "tokenizer) or a model directory; for --draft-type eagle3, eagle3 (a new head, the "
-            "default) or a head's directory."
+            "tokenizer) or a model directory; for a head draft type (eagle3, medusa, "
+            "mlp_speculator), its name (new heads, the default) or a head draft's directory."
         ),
     ] = None,
     draft_type: Annotated[
         str,
         typer.Option(
-            help="standalone (a small causal LM) or eagle3 (one layer over the target's own "
-            "hidden states, computed online: vLLM's best-served draft)."
+            help="standalone (a small causal LM), eagle3 (one layer over the target's own "
+            "hidden states, computed online: vLLM's best-served draft), or TGI's head drafts: "
+            "medusa (residual heads) or mlp_speculator (IBM's, tied weights)."
         ),
     ] = "standalone",
     loss: Annotated[
@@ -276,8 +277,16 @@ def train_command(
         int, typer.Option(help="eagle3: draft steps unrolled in training (training-time test).")
     ] = 7,
     step_weight: Annotated[
-        float, typer.Option(help="eagle3: loss weight of draft step i is STEP_WEIGHT ** i.")
+        float, typer.Option(help="eagle3, medusa, mlp_speculator: loss weight of draft step "
+                            "i is STEP_WEIGHT ** i.")
     ] = 0.8,
+    heads: Annotated[
+        int, typer.Option(help="medusa: heads; mlp_speculator: stages (the most tokens one "
+                          "proposal can hold, and TGI's --speculate).")
+    ] = 3,
+    head_layers: Annotated[
+        int, typer.Option(help="medusa: residual blocks per head.")
+    ] = 1,
     draft_vocab_size: Annotated[
         int | None,
         typer.Option(help="eagle3: tokens the head can propose, the target's most written in "
@@ -290,12 +299,12 @@ def train_command(
     ] = None,
     target_states_gib: Annotated[
         float,
-        typer.Option(help="eagle3: memory for the target's hidden states of samples already "
+        typer.Option(help="head drafts: memory for the target's hidden states of samples already "
                      "seen (never written to disk); later epochs then skip the target. 0: none."),
     ] = 4.0,
     prompt_labels: Annotated[
         bool,
-        typer.Option(help="eagle3: also learn at the prompt positions, labelled by the "
+        typer.Option(help="head drafts: also learn at the prompt positions, labelled by the "
                      "target's own distribution there (from the forward that gives its states)."),
     ] = False,
 ):
@@ -336,6 +345,8 @@ def train_command(
         ttt_steps=ttt_steps,
         prompt_labels=prompt_labels,
         step_weight=step_weight,
+        heads=heads,
+        head_layers=head_layers,
         draft_vocab_size=draft_vocab_size,
         aux_layer_ids=_int_list(target_layers, "--target-layers") if target_layers else None,
         target_states_gib=target_states_gib,
@@ -507,8 +518,9 @@ def export_vllm_command(
     k: Annotated[int | None, typer.Option(help="Draft tokens per step (default: the manifest's, "
                                                 "the report's, else 4).")] = None,
     method: Annotated[str | None, typer.Option(
-        help="draft_model or eagle3 (default: eagle3 for an EAGLE-3 head, this project's or "
-             "DeepSpec's, else draft_model).")] = None,
+        help="draft_model, eagle3 or medusa (default: eagle3 for an EAGLE-3 head, this "
+             "project's or DeepSpec's, medusa for Medusa heads, else draft_model; vLLM 0.32 "
+             "cannot run an MLP speculator: export those for TGI).")] = None,
     report: ReportOpt = None,
     target_name: Annotated[
         str | None,
@@ -524,14 +536,16 @@ def export_vllm_command(
         help="How vLLM drafts at T > 0: greedy (its argmax, vLLM's default) or probabilistic "
              "(sampled); written into the speculative config and the manifest.")] = "greedy",
 ):
-    """A draft into a directory vLLM serves (draft_model or EAGLE-3), with serving configs."""
+    """A draft into a directory vLLM serves (draft_model, EAGLE-3, Medusa), with serving
+    configs."""
     from deepspec_plugin.exporters.eagle3 import is_deepspec_eagle3
     from deepspec_plugin.exporters.vllm import export_vllm
     from deepspec_plugin.models import resolve_model
-    from deepspec_plugin.models.files import is_eagle3_dir
+    from deepspec_plugin.models.files import head_draft_kind, is_eagle3_dir
 
     if method is None:
-        method = "eagle3" if is_eagle3_dir(draft) or is_deepspec_eagle3(draft) else "draft_model"
+        method = ("eagle3" if is_eagle3_dir(draft) or is_deepspec_eagle3(draft)
+                  else head_draft_kind(draft) or "draft_model")
 
     with console.status("Exporting (and loading in vLLM: a minute or two)..." if load
                         else "Exporting..."):

@@ -92,3 +92,32 @@ def is_eagle3_dir(path: str | Path) -> bool:
         return False
     return isinstance(cfg, dict) and any(
         a in EAGLE3_ARCHITECTURES for a in cfg.get("architectures") or [])
+
+
+MEDUSA = "medusa"
+MLP_SPECULATOR = "mlp_speculator"
+
+
+def head_kind(config: dict[str, Any]) -> str | None:
+    """``medusa``, ``mlp_speculator`` or None for a draft's config, as TGI's loader tells them
+    apart (``medusa_num_heads`` first, then ``model_type``; vLLM's Medusa layout says
+    ``model_type: medusa``)."""
+    if "medusa_num_heads" in config or config.get("model_type") == MEDUSA:  # TGI's, vLLM's
+        return MEDUSA
+    if config.get("model_type") == MLP_SPECULATOR:
+        return MLP_SPECULATOR
+    return None
+
+
+def head_draft_kind(path: str | Path) -> str | None:
+    """The head-draft kind of a directory (`head_kind` of its config.json), else None."""
+    from deepspec_plugin.fileio import read_json
+
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        cfg = read_json(cfg_path)
+    except DspecError:
+        return None
+    return head_kind(cfg) if isinstance(cfg, dict) else None

@@ -47,7 +47,7 @@ def load_causal_lm(path: Path, device: str = "cpu", dtype: str = "float32"):
 def check_pair(target: Path, draft: Path) -> None:
     """Refuse a draft that cannot speculate for `target`: other vocab or tokenizer, not an LM
     (an EAGLE-3 head: `check_head_pair`)."""
-    from deepspec_plugin.models.files import is_eagle3_dir
+    from deepspec_plugin.models.files import head_kind, is_eagle3_dir
 
     target, draft = Path(target), Path(draft)
     for d in (target, draft):
@@ -56,6 +56,9 @@ def check_pair(target: Path, draft: Path) -> None:
     require_causal_lm(target, tcfg)
     if is_eagle3_dir(draft):
         check_head_pair(target, tcfg, draft, dcfg)
+        return
+    if head_kind(dcfg) is not None:
+        check_head_draft_pair(target, tcfg, draft, dcfg)
         return
     require_causal_lm(draft, dcfg)
     tv, dv = tcfg.get("vocab_size"), dcfg.get("vocab_size")
@@ -75,9 +78,6 @@ def check_pair(target: Path, draft: Path) -> None:
 def check_head_pair(target: Path, tcfg: dict, head: Path, hcfg: dict) -> None:
     """Refuse an EAGLE-3 head built for another target: its sizes, its layer ids, and the
     target fingerprint its manifest records (when it has one)."""
-    from deepspec_plugin.manifest import FILENAME, read_manifest
-    from deepspec_plugin.models.fingerprint import fingerprint
-
     fix = "use the target the head was trained for, or train a head for this one"
     for key, target_key in (("vocab_size", "vocab_size"), ("target_hidden_size", "hidden_size")):
         if hcfg.get(key) != tcfg.get(target_key):
@@ -89,8 +89,32 @@ def check_head_pair(target: Path, tcfg: dict, head: Path, hcfg: dict) -> None:
     if bad:
         raise DspecError(f"the EAGLE-3 head {head} reads target layers {ids}, but the target "
                          f"{target} has {layers} layers", fix)
-    if (head / FILENAME).is_file():
-        recorded = read_manifest(head / FILENAME).target_fingerprint
+    check_recorded_target(target, head, "EAGLE-3 head")
+
+
+def check_head_draft_pair(target: Path, tcfg: dict, draft: Path, dcfg: dict) -> None:
+    """Refuse a Medusa or MLP-speculator draft built for another target: vocabulary, hidden
+    size, and the target fingerprint its manifest records (when it has one)."""
+    from deepspec_plugin.models.files import MEDUSA, head_kind
+
+    kind = head_kind(dcfg)
+    hidden_key = "hidden_size" if kind == MEDUSA else "emb_dim"
+    for key, target_key in (("vocab_size", "vocab_size"), (hidden_key, "hidden_size")):
+        if dcfg.get(key) != tcfg.get(target_key):
+            raise DspecError(f"the {kind} draft {draft} has {key} {dcfg.get(key)}, the target "
+                             f"{target} has {target_key} {tcfg.get(target_key)}",
+                             "use the target the draft was trained for, or train one for this")
+    check_recorded_target(target, draft, f"{kind} draft")
+
+
+def check_recorded_target(target: Path, draft: Path, what: str) -> None:
+    """Refuse a draft whose manifest (when it has one) names another target's fingerprint."""
+    from deepspec_plugin.manifest import FILENAME, read_manifest
+    from deepspec_plugin.models.fingerprint import fingerprint
+
+    if (draft / FILENAME).is_file():
+        recorded = read_manifest(draft / FILENAME).target_fingerprint
         if recorded != fingerprint(target):
-            raise DspecError(f"the EAGLE-3 head {head} was trained for another target "
-                             f"({recorded[:19]}...), not {target}", fix)
+            raise DspecError(f"the {what} {draft} was trained for another target "
+                             f"({recorded[:19]}...), not {target}",
+                             "use the target it was trained for, or train one for this target")

@@ -48,10 +48,14 @@ def make_engine(
         )
     if name == "vllm":
         from deepspec_plugin.bench.engines.vllm_offline import VLLMOfflineEngine, require_vllm
-        from deepspec_plugin.models.files import is_eagle3_dir
+        from deepspec_plugin.models.files import head_draft_kind, is_eagle3_dir
 
         require_vllm()
-        method = "eagle3" if draft is not None and is_eagle3_dir(draft) else "draft_model"
+        method = "draft_model"
+        if draft is not None and is_eagle3_dir(draft):
+            method = "eagle3"
+        elif draft is not None and head_draft_kind(draft) is not None:
+            method = head_draft_kind(draft)
         return VLLMOfflineEngine(_need_target(name, target), draft, dtype=dtype, method=method,
                                  draft_sample_method=draft_sample_method)
     if name == "endpoint":

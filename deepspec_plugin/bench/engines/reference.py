@@ -114,7 +114,7 @@ class ReferenceEngine(Engine):
         draft_sample_method: str = "probabilistic",
     ) -> ReferenceEngine:
         from deepspec_plugin.models import check_pair, load_causal_lm
-        from deepspec_plugin.models.files import is_eagle3_dir
+        from deepspec_plugin.models.files import head_draft_kind, is_eagle3_dir
 
         if draft is not None and is_eagle3_dir(draft):
             from deepspec_plugin.bench.engines.eagle3_proposer import Eagle3Proposer
@@ -126,6 +126,16 @@ class ReferenceEngine(Engine):
                        draft_sample_method=draft_sample_method)
         if draft is not None:
             check_pair(Path(target), Path(draft))
+        if draft is not None and head_draft_kind(draft) is not None:
+            from deepspec_plugin.bench.engines.head_proposer import HeadProposer
+            from deepspec_plugin.models.heads import load_heads
+
+            target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
+            heads = load_heads(draft, target_model, device=device).to(target_model.dtype)
+            proposer = HeadProposer(heads, target_model.model.norm,
+                                    target_model.config.num_hidden_layers, device)
+            return cls(target_model, None, device=device, proposer=proposer,
+                       draft_sample_method=draft_sample_method)
         target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
         draft_model = load_causal_lm(Path(draft), device=device, dtype=dtype) if draft else None
         return cls(target_model, draft_model, device=device,
@@ -181,7 +191,8 @@ class ReferenceEngine(Engine):
 
     @property
     def draft_type(self) -> str | None:
-        """What proposes: ``draft_model``, ``eagle3`` (a head on the target's states), None."""
+        """What proposes: ``draft_model``, ``eagle3``, ``medusa``, ``mlp_speculator`` (heads on
+        the target's states), or None."""
         if self.proposer is None:
             return None
         return getattr(self.proposer, "method", "draft_model")
@@ -233,8 +244,9 @@ class ReferenceEngine(Engine):
 
     def _speculative(self, prompts, cfg, requests, generator, timer) -> None:
         """Propose k tokens, verify them in one target pass, repeat; the proposer times its
-        single-token steps. A proposer with ``target_layers`` (EAGLE-3) gets the target's hidden
-        states entering those layers from the prefill and from every verification."""
+        single-token steps. A proposer with ``target_layers`` (EAGLE-3, Medusa, MLP speculator)
+        gets the target's hidden states entering those layers (id = the number of layers: the
+        last layer's output) from the prefill and from every verification."""
         proposer = self.proposer
         # Under the greedy rule (vLLM's default at any temperature) the draft proposes its argmax
         # and the rule sees q as one-hot on it: still exact, but accepts less at T > 0.
@@ -355,6 +367,11 @@ class ReferenceEngine(Engine):
                     "speculative decoding asked of a reference engine without a draft",
                     "load the engine with a draft model",
                 )
+            max_k = getattr(self.proposer, "max_k", None)
+            if max_k is not None and cfg.k > max_k:
+                raise DspecError(f"k is {cfg.k}, but this {self.draft_type} draft proposes at "
+                                 f"most {max_k} tokens (one per head)",
+                                 f"bench with k <= {max_k}, or train more heads (--heads)")
         if not prompts or any(len(p) == 0 for p in prompts):
             raise DspecError("an empty batch or an empty prompt", "give every request >= 1 token")
 

@@ -10,9 +10,10 @@ process group and removes the temp dir.
 The worker keeps at most two instances: one without speculation (the baseline, k=None) and one
 with ``speculative_config={"method": METHOD, "model": DRAFT, "num_speculative_tokens": k}`` for
 the current k, each created on first use; a new k, or a new draft (``set_draft``), closes the
-previous speculative instance. ``method`` is ``draft_model`` (a standalone draft model) or
-``eagle3`` (an EAGLE-3 head exported for vLLM). An instance is created with ``max_num_seqs`` =
-the batch size (at least 4) and recreated if a larger batch comes.
+previous speculative instance. ``method`` is ``draft_model`` (a standalone draft model),
+``eagle3`` (an EAGLE-3 head exported for vLLM) or ``medusa`` (Medusa heads; vLLM 0.32 is the
+last release with it, and has the MLP speculator's model disabled). An instance is created
+with ``max_num_seqs`` = the batch size (at least 4) and recreated if a larger batch comes.
 
 Failures: where vLLM cannot start or run the models (a model it has no kernel for, a config it
 refuses), or the worker dies or stops answering, the engine ends the worker and raises a
@@ -60,7 +61,7 @@ from deepspec_plugin.metrics import SpecCounts
 
 INSTALL_FIX = "install it with pip install 'deepspec-plugin[vllm]' (or run scripts/setup.sh)"
 MIN_NUM_SEQS = 4
-SPEC_METHODS = ("draft_model", "eagle3")
+SPEC_METHODS = ("draft_model", "eagle3", "medusa")
 GROUP_EXIT_S = 15.0  # how long vLLM's processes get to end by themselves after the worker
 IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1: the longest socket path ZMQ binds
 IPC_NAME_CHARS = 37  # "/" and a uuid4: the name vLLM gives each socket
@@ -388,7 +389,18 @@ CPU_SAMPLING_WARNING = (
     "(T = 0) is exact")
 
 
+# vllm 0.32 model_executor/models/registry.py: "MLPSpeculatorPreTrainedModel" is commented out
+# ("Temporarily disabled ... once the MLP Speculator is supported in V1"); 0.33 dropped the method.
+# tests/test_head_drafts_vllm.py loads one for real to keep this true.
+MLP_SPECULATOR_REFUSAL = ("vLLM 0.32 cannot run an MLP speculator: its model registry has "
+                          "MLPSpeculatorPreTrainedModel disabled (not yet ported to the V1 "
+                          "engine), and vLLM 0.33 removed the method")
+
+
 def _spec_method(method: str) -> str:
+    if method == "mlp_speculator":
+        raise DspecError(MLP_SPECULATOR_REFUSAL, "serve an MLP speculator with TGI (dspec export "
+                         "tgi), or bench it with --engine reference")
     if method not in SPEC_METHODS:
         raise DspecError(f"unknown vLLM speculative method {method!r}",
                          f"use one of {', '.join(SPEC_METHODS)}")

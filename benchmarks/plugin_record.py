@@ -83,14 +83,20 @@ def tiny_pair(reuse: Path, work: Path) -> tuple[Path, Path]:
 
 
 def manifest_with_baseline(target: Path, work: Path) -> Path:
-    """A k = 4 manifest whose baseline (rate 0.6) turns the CUSUM on; the target's own fingerprint,
-    so the plugin's fingerprint check finds no mismatch."""
+    """A k = 4 manifest whose baseline (rate 0.6) turns the CUSUM on, with measured costs at two
+    batch sizes, so that every step counts its batch and every scrape computes the break-even
+    gauges; the target's own fingerprint, so the fingerprint check finds no mismatch."""
     from deepspec_plugin.manifest import Baseline, DraftManifest, write_manifest
+    from deepspec_plugin.metrics import StepCosts
     from deepspec_plugin.models import fingerprint, tokenizer_fingerprint
 
     per_position = [0.85, 0.7, 0.55, 0.3]
+    costs = [StepCosts(1, 0.05, {1: 1.07, 2: 1.16, 4: 1.53}), StepCosts(8, 0.08, {4: 1.9})]
     baseline = Baseline(k=K, temperature=0.0, acceptance_rate=sum(per_position) / K,
-                        acceptance_length=1 + sum(per_position), per_position=per_position)
+                        acceptance_length=1 + sum(per_position), per_position=per_position,
+                        report={"batch_size": 1}, costs=costs,
+                        speedups=[{"k": K, "batch_size": 1, "measured": 1.5, "ci95": [1.4, 1.6],
+                                   "predicted": 1.6}])
     manifest = DraftManifest(target_fingerprint=fingerprint(target),
                              tokenizer_fingerprint=tokenizer_fingerprint(target),
                              method="draft_model", k=K, baseline=baseline)

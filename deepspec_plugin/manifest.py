@@ -4,8 +4,11 @@ It names the target the draft was made for (``target_fingerprint``, from
 :func:`deepspec_plugin.models.fingerprint`), the tokenizer both share (``tokenizer_fingerprint``),
 how it speculates (``method``, ``k``) and, once an eval report was attached at export, the
 ``baseline``: the acceptance measured offline, pooled and per category, that the serving plugin
-compares live acceptance with. Everything else a stage wants to record (training settings, export
-details, overridden checks) goes under its own key and is kept as it is by every later stage.
+compares live acceptance with, and the costs the harness measured (cost ratio c, verification
+cost v per k, per batch size) from which the plugin predicts the live speedup and its break-even
+(:class:`deepspec_plugin.metrics.StepCosts`). Everything else a stage wants to record (training
+settings, export details, overridden checks) goes under its own key and is kept as it is by every
+later stage.
 
 Stdlib only: the serving plugin reads this inside vLLM and must stay light.
 
@@ -22,7 +25,10 @@ Example::
         "acceptance_rate": 0.41, "acceptance_length": 2.3, "per_position": [0.6, 0.45, ...],
         "categories": {"chat": {"acceptance_rate": ..., "acceptance_length": ...,
                                 "per_position": [...], "num_draft_tokens": 1640}},
-        "report": {"bench": "quick", "engine": "reference", "created": "...", "draft": "sha256:..."}
+        "report": {"bench": "quick", "engine": "reference", "created": "...", ...},
+        "costs": [{"batch_size": 1, "cost_ratio": 0.04, "verify_cost": {"1": 1.07, "3": 1.53}}],
+        "speedups": [{"k": 4, "batch_size": 1, "measured": 1.1, "ci95": [1.0, 1.2],
+                      "predicted": 1.15}]
       },
       "training": {...}, "export": {...}
     }
@@ -37,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.fileio import atomic_write_json
+from deepspec_plugin.metrics import StepCosts, nearest_costs
 
 if TYPE_CHECKING:
     from deepspec_plugin.bench.report_schema import EvalReport, ReportEntry
@@ -58,6 +65,19 @@ class Baseline:
     per_position: list[float]
     categories: dict[str, dict[str, Any]] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # What the break-even needs, per batch size the report measured at this temperature.
+    costs: list[StepCosts] = field(default_factory=list)
+    # The speedup measured (95% interval) and predicted at each (k, batch size) of the report.
+    speedups: list[dict[str, Any]] = field(default_factory=list)
+
+    def costs_at(self, batch_size: float | None) -> StepCosts | None:
+        """The costs measured at the batch size nearest ``batch_size`` (None: the smallest)."""
+        return nearest_costs(self.costs, batch_size)
+
+    def speedup_at(self, k: int, batch_size: int | None = None) -> dict[str, Any] | None:
+        """The measured and predicted speedup at k (batch size default: the baseline's)."""
+        size = self.report.get("batch_size") if batch_size is None else batch_size
+        return next((s for s in self.speedups if s["k"] == k and s["batch_size"] == size), None)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +86,7 @@ class Baseline:
             "acceptance_length": self.acceptance_length,
             "per_position": list(self.per_position),
             "categories": self.categories, "report": self.report,
+            "costs": [c.to_dict() for c in self.costs], "speedups": self.speedups,
         }
 
     @classmethod
@@ -77,10 +98,21 @@ class Baseline:
                 acceptance_length=float(d["acceptance_length"]),
                 per_position=[float(x) for x in d.get("per_position") or []],
                 categories=dict(d.get("categories") or {}), report=dict(d.get("report") or {}),
+                costs=[StepCosts.from_dict(c) for c in d.get("costs") or []],
+                speedups=[_speedup_point(p) for p in d.get("speedups") or []],
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DspecError(f"{where} is malformed ({type(e).__name__}: {e})",
                              "re-export the draft with --report") from None
+
+
+def _speedup_point(d: dict[str, Any]) -> dict[str, Any]:
+    def num(v):
+        return None if v is None else float(v)
+
+    ci = d.get("ci95")
+    return {"k": int(d["k"]), "batch_size": int(d["batch_size"]), "measured": num(d["measured"]),
+            "ci95": [float(x) for x in ci] if ci else None, "predicted": num(d.get("predicted"))}
 
 
 @dataclass
@@ -204,6 +236,7 @@ def baseline_from_report(report: EvalReport, k: int | None = None,
     if o.acceptance_rate is None or o.acceptance_length is None:
         raise DspecError(f"{where} measured no draft tokens at k = {k}, T = {temperature:g}, "
                          f"batch size {batch_size}", "evaluate with more prompts or new tokens")
+    costs, speedups = _costs_from_report(report, temperature)
     return Baseline(
         k=int(k), temperature=temperature,
         acceptance_rate=float(o.acceptance_rate),
@@ -217,7 +250,29 @@ def baseline_from_report(report: EvalReport, k: int | None = None,
             "draft_fingerprint": report.draft_fingerprint,
             "target_fingerprint": report.target_fingerprint,
         },
+        costs=costs, speedups=speedups,
     )
+
+
+def _costs_from_report(report: EvalReport,
+                       temperature: float) -> tuple[list[StepCosts], list[dict[str, Any]]]:
+    """Per batch size at ``temperature``: c (the mean over the measured k) and v at each k whose
+    verification the engine timed; and every pooled entry's measured and predicted speedup."""
+    costs, speedups = [], []
+    pooled = [e for e in report.overall if float(e.temperature) == temperature]
+    for size in sorted({e.batch_size for e in pooled}):
+        at = sorted((e for e in pooled if e.batch_size == size), key=lambda e: e.k)
+        speedups += [{"k": e.k, "batch_size": size, "measured": e.speedup,
+                      "ci95": e.interval("speedup"), "predicted": e.predicted_speedup}
+                     for e in at]
+        ratios = [e.cost_ratio for e in at if e.cost_ratio is not None]
+        if ratios:
+            costs.append(StepCosts(
+                batch_size=size, cost_ratio=sum(ratios) / len(ratios),
+                verify_cost={e.k: e.verify_cost for e in at
+                             if e.verify_cost is not None and e.verify_cost_source == "measured"},
+            ))
+    return costs, speedups
 
 
 def report_model_mismatches(report: EvalReport, where: str, target_fingerprint: str,

@@ -30,9 +30,18 @@ Definitions:
   (1 - alpha^(k+1)) / (1 - alpha)  (Leviathan et al. 2023, eq. 1).
 * **alpha from tau**: the alpha whose expected acceptance length equals a measured tau (the
   inverse of the above). The pooled acceptance rate is *not* alpha: it is E[accepted] / k.
-* **predicted speedup** (walltime improvement, Leviathan et al. 2023, thm. 3.8) =
-  (1 - alpha^(k+1)) / ((1 - alpha) (k c + 1)), where c is the cost ratio: the time of one draft
-  forward step over the time of one target forward step.
+* **predicted speedup** (walltime improvement, Leviathan et al. 2023, thm. 3.8, with the
+  verification cost measured rather than assumed) = tau / (k c + v): tokens per speculative
+  step over its cost in plain-decoding target steps. c is the cost ratio (one draft step over
+  one plain target step) and v the verification cost (the target's pass over k + 1 tokens over
+  its pass over one; Leviathan's v = 1, on a CPU it is 1.1-1.5). With tau = tau(alpha, k) above
+  it is (1 - alpha^(k+1)) / ((1 - alpha) (k c + v)).
+* **break-even**: the acceptance at which the predicted speedup is 1, tau = k c + v; as a pooled
+  acceptance rate (k c + v - 1) / k (above 1: no acceptance pays at this k), as an i.i.d. alpha
+  the one whose expected length is k c + v.
+* **recommended k**: the k in 0..K (0: speculation off, speedup 1) that maximises the predicted
+  speedup at the measured acceptance: a draft cut to k' <= K tokens is accepted exactly as the
+  first k' positions were, so tau(k') = 1 + sum of the first k' position acceptances.
 * **measured speedup** = tokens/s with the draft / tokens/s of plain decoding of the same target
   on the same engine, prompts and lengths, in the same run.
 
@@ -191,15 +200,129 @@ def alpha_from_acceptance_length(tau: float, k: int, tol: float = 1e-12) -> floa
     return (lo + hi) / 2
 
 
-def predicted_speedup(alpha: float, k: int, cost_ratio: float) -> float:
-    """Walltime improvement predicted by Leviathan et al. (2023), theorem 3.8.
+def predicted_speedup(alpha: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Walltime improvement predicted by Leviathan et al. (2023), theorem 3.8, for i.i.d.
+    acceptance ``alpha``: ``speedup_at_length(tau(alpha, k), k, cost_ratio, verify_cost)``.
 
-    ``cost_ratio`` (c) is the time of one draft step over the time of one target step. The model
-    assumes that verifying k + 1 tokens costs one target step.
+    ``cost_ratio`` (c) is the time of one draft step over the time of one plain target step;
+    ``verify_cost`` (v) the target's pass over k + 1 tokens over its pass over one (Leviathan
+    assumes 1).
     """
-    if cost_ratio < 0:
-        raise ValueError("cost ratio must be >= 0")
-    return expected_acceptance_length(alpha, k) / (k * cost_ratio + 1.0)
+    return speedup_at_length(expected_acceptance_length(alpha, k), k, cost_ratio, verify_cost)
+
+
+def speedup_at_length(tau: float, k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """Predicted speedup at a measured acceptance length: tau / (k c + v), the tokens of one
+    speculative step over its cost in plain target steps (no i.i.d. assumption)."""
+    return tau / step_cost(k, cost_ratio, verify_cost)
+
+
+def step_cost(k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """One speculative step (k draft steps, one verification) in plain target steps: k c + v."""
+    if cost_ratio < 0 or not verify_cost > 0:
+        raise ValueError(f"need cost ratio >= 0 and verification cost > 0, got {cost_ratio}, "
+                         f"{verify_cost}")
+    return k * cost_ratio + verify_cost
+
+
+def break_even_acceptance_rate(k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
+    """The pooled acceptance rate at which the predicted speedup is 1: (k c + v - 1) / k.
+
+    Above 1, no acceptance pays at this k; at or below 0, any does.
+    """
+    if k <= 0:
+        raise ValueError("k must be positive")
+    return (step_cost(k, cost_ratio, verify_cost) - 1.0) / k
+
+
+def break_even_alpha(k: int, cost_ratio: float, verify_cost: float = 1.0) -> float | None:
+    """The i.i.d. alpha at which the predicted speedup is 1; None when none does (k c + v is
+    k + 1 or more: even alpha = 1 gives no more than k + 1 tokens per step)."""
+    tau = step_cost(k, cost_ratio, verify_cost)
+    return None if tau >= k + 1 else alpha_from_acceptance_length(tau, k)
+
+
+def truncated_acceptance_length(c: SpecCounts, k: int) -> float | None:
+    """tau of the same drafts cut to their first ``k`` tokens, from the per-position counts
+    (exact: acceptance is a prefix). Without per-position counts (TGI), the i.i.d. alpha of the
+    pooled tau stands in. None when nothing was drafted; 1.0 at k = 0."""
+    tau = acceptance_length(c)
+    if tau is None:
+        return None
+    if k == 0:
+        return 1.0
+    positions = position_acceptance(c)
+    if positions and k <= len(positions):
+        return 1.0 + sum(positions[:k])
+    served = len(positions) or (round(c.num_draft_tokens / c.num_drafts) if c.num_drafts else 0)
+    if served < 1:
+        return None
+    return expected_acceptance_length(alpha_from_acceptance_length(tau, served), k)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What speculation costs at one batch size, in plain target steps of that batch size.
+
+    ``verify_cost`` maps a k to the measured cost of verifying k + 1 tokens; between the measured
+    k (and k = 0, verification of 1 token: cost 1) it is interpolated linearly, beyond the last
+    it is extended along the last segment.
+    """
+
+    batch_size: int
+    cost_ratio: float
+    verify_cost: dict[int, float]
+
+    def verify(self, k: int) -> float:
+        points = sorted({0: 1.0, **self.verify_cost}.items())
+        for (k0, v0), (k1, v1) in zip(points, points[1:]):
+            if k <= k1:
+                return v0 + (v1 - v0) * (k - k0) / (k1 - k0)
+        (k0, v0), (k1, v1) = points[-2:] if len(points) > 1 else ((0, 1.0), (1, 1.0))
+        return v1 + (v1 - v0) * (k - k1) / (k1 - k0)
+
+    def speedup(self, c: SpecCounts, k: int) -> float | None:
+        """The predicted speedup of these drafts served at ``k`` tokens (1.0 at k = 0)."""
+        tau = truncated_acceptance_length(c, k)
+        if tau is None:
+            return None
+        return 1.0 if k == 0 else speedup_at_length(tau, k, self.cost_ratio, self.verify(k))
+
+    def to_dict(self) -> dict:
+        return {"batch_size": self.batch_size, "cost_ratio": self.cost_ratio,
+                "verify_cost": {str(k): v for k, v in sorted(self.verify_cost.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StepCosts:
+        costs = cls(batch_size=int(d["batch_size"]), cost_ratio=float(d["cost_ratio"]),
+                    verify_cost={int(k): float(v) for k, v in dict(d["verify_cost"]).items()})
+        if costs.batch_size < 1 or costs.cost_ratio < 0 or any(
+                k < 1 or not v > 0 for k, v in costs.verify_cost.items()):
+            raise ValueError(f"costs out of range: {d}")
+        return costs
+
+
+def nearest_costs(costs: Sequence[StepCosts], batch_size: float | None) -> StepCosts | None:
+    """The costs measured at the batch size nearest ``batch_size`` (the smallest when None)."""
+    if not costs:
+        return None
+    if batch_size is None:
+        return min(costs, key=lambda s: s.batch_size)
+    return min(costs, key=lambda s: (abs(s.batch_size - batch_size), s.batch_size))
+
+
+def recommended_k(c: SpecCounts, costs: StepCosts, max_k: int | None = None) -> int | None:
+    """The k in 0..max_k (default: the k drafted) with the highest predicted speedup at these
+    counts; 0 means plain decoding pays best. Ties go to the smaller k. None without drafts."""
+    if max_k is None:
+        max_k = len(c.accepted_per_position) or (
+            round(c.num_draft_tokens / c.num_drafts) if c.num_drafts else 0)
+    best, best_speedup = None, 0.0
+    for k in range(0, max_k + 1):
+        s = costs.speedup(c, k)
+        if s is not None and s > best_speedup + 1e-12:
+            best, best_speedup = k, s
+    return best
 
 
 def speedup(tokens_per_s_spec: float, tokens_per_s_plain: float) -> float | None:

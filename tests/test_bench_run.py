@@ -23,12 +23,14 @@ ENTRY_KEYS = {
     "category", "temperature", "k", "batch_size", "num_prompts", "num_drafts",
     "num_draft_tokens", "num_accepted_tokens", "accepted_per_position", "acceptance_rate",
     "acceptance_length", "position_acceptance", "conditional_position_acceptance", "per_request",
-    "alpha", "cost_ratio", "cost_ratio_source", "predicted_speedup", "tokens_per_s",
+    "alpha", "cost_ratio", "cost_ratio_source", "verify_cost", "verify_cost_source",
+    "predicted_speedup", "break_even_acceptance_rate", "break_even_alpha", "tokens_per_s",
     "tokens_per_s_baseline", "speedup", "speedup_note", "ci95", "units",
 }
 UNIT_KEYS = {
     "category", "seed", "prompts", "counts", "request_counts", "new_tokens", "elapsed_s",
     "baseline_new_tokens", "baseline_elapsed_s", "draft_step_s", "target_step_s",
+    "plain_step_s", "verify_step_s",
 }
 
 
@@ -160,8 +162,18 @@ def test_pooled_numbers_are_the_units_and_metrics_recomputed(run):
         assert entry["alpha"] == metrics.alpha_from_acceptance_length(
             entry["acceptance_length"], entry["k"])
         assert entry["cost_ratio_source"] == "measured" and 0 < entry["cost_ratio"]
-        assert entry["predicted_speedup"] == metrics.predicted_speedup(
-            entry["alpha"], entry["k"], entry["cost_ratio"])
+        # The reference engine times its plain steps and its verification passes: c is over a
+        # plain step, v = verification pass / plain step.
+        plain = sum(u["plain_step_s"] for u in units) / len(units)
+        verify = sum(u["verify_step_s"] for u in units) / len(units)
+        draft = sum(u["draft_step_s"] for u in units) / len(units)
+        assert entry["cost_ratio"] == pytest.approx(draft / plain)
+        assert entry["verify_cost_source"] == "measured"
+        assert entry["verify_cost"] == pytest.approx(verify / plain)
+        assert entry["predicted_speedup"] == metrics.speedup_at_length(
+            entry["acceptance_length"], entry["k"], entry["cost_ratio"], entry["verify_cost"])
+        assert entry["break_even_acceptance_rate"] == metrics.break_even_acceptance_rate(
+            entry["k"], entry["cost_ratio"], entry["verify_cost"])
         requests = [SpecCounts.from_dict(r) for u in units for r in u["request_counts"]]
         assert entry["per_request"] == metrics.per_request_means(requests)
         tps = sum(u["new_tokens"] for u in units) / sum(u["elapsed_s"] for u in units)
@@ -177,6 +189,39 @@ def test_pooled_numbers_are_the_units_and_metrics_recomputed(run):
         parts = [e for e in report["results"] if e["temperature"] == overall["temperature"]]
         assert overall["num_drafts"] == sum(e["num_drafts"] for e in parts)
         assert overall["num_prompts"] == sum(e["num_prompts"] for e in parts) == 4
+
+
+def test_the_manifest_baseline_carries_the_measured_costs(run, tmp_path):
+    """At export the baseline takes, per batch size, c (mean over the measured k) and v at each
+    k the engine timed, and every entry's measured and predicted speedup; they round-trip."""
+    from deepspec_plugin.errors import DspecError
+    from deepspec_plugin.manifest import (
+        DraftManifest,
+        baseline_from_report,
+        read_manifest,
+        write_manifest,
+    )
+
+    report = run[0]
+    b = baseline_from_report(report, temperature=0.0)
+    pooled = [e for e in report.overall if e.temperature == 0.0]
+    assert [c.batch_size for c in b.costs] == sorted({e.batch_size for e in pooled})
+    costs = b.costs_at(1)
+    at_1 = [e for e in pooled if e.batch_size == 1]
+    assert costs.cost_ratio == pytest.approx(sum(e.cost_ratio for e in at_1) / len(at_1))
+    assert costs.verify_cost == {e.k: e.verify_cost for e in at_1}
+    entry = at_1[0]
+    point = b.speedup_at(entry.k, 1)
+    assert point["measured"] == entry.speedup and point["predicted"] == entry.predicted_speedup
+    assert point["ci95"] == entry.interval("speedup")
+    m = DraftManifest("sha256:" + "a" * 64, "sha256:" + "b" * 64, k=entry.k, baseline=b)
+    back = read_manifest(write_manifest(m, tmp_path / "deepspec.json")).baseline
+    assert back.costs == b.costs and back.speedups == b.speedups
+    bad = m.to_dict()
+    bad["baseline"]["costs"] = [{"batch_size": 1, "cost_ratio": -0.1, "verify_cost": {}}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DspecError, match="baseline is malformed"):
+        read_manifest(tmp_path / "bad.json")
 
 
 def test_multi_turn_units_and_shared_baselines(run):

@@ -99,6 +99,91 @@ def test_predicted_speedup_matches_leviathan():
         metrics.predicted_speedup(0.5, 4, -1)
 
 
+def test_predicted_speedup_with_the_verification_cost():
+    # tau = 2.2 at k = 3, c = 0.05, v = 1.3: 2.2 / (0.15 + 1.3).
+    assert metrics.speedup_at_length(2.2, 3, 0.05, 1.3) == pytest.approx(2.2 / 1.45)
+    assert metrics.speedup_at_length(2.2, 3, 0.05) == pytest.approx(2.2 / 1.15)  # Leviathan's v
+    a = 0.6
+    assert metrics.predicted_speedup(a, 3, 0.05, 1.3) == pytest.approx(
+        metrics.expected_acceptance_length(a, 3) / 1.45)
+    with pytest.raises(ValueError):
+        metrics.speedup_at_length(2.0, 3, 0.05, 0.0)
+
+
+def test_break_even_is_where_the_predicted_speedup_is_one():
+    k, c, v = 3, 0.05, 1.3
+    rate = metrics.break_even_acceptance_rate(k, c, v)
+    assert rate == pytest.approx((k * c + v - 1) / k)
+    # At that pooled rate tau = 1 + k * rate, and the predicted speedup is exactly 1.
+    assert metrics.speedup_at_length(1 + k * rate, k, c, v) == pytest.approx(1.0)
+    alpha = metrics.break_even_alpha(k, c, v)
+    assert metrics.predicted_speedup(alpha, k, c, v) == pytest.approx(1.0)
+    # Just above break-even pays, just below does not.
+    assert metrics.predicted_speedup(alpha + 0.01, k, c, v) > 1 > metrics.predicted_speedup(
+        alpha - 0.01, k, c, v)
+    # A step costing k + 1 plain steps or more never pays: no alpha, a rate above 1.
+    assert metrics.break_even_alpha(1, 0.6, 1.5) is None
+    assert metrics.break_even_acceptance_rate(1, 0.6, 1.5) > 1
+    # Free drafts and free verification: any acceptance pays.
+    assert metrics.break_even_acceptance_rate(2, 0.0, 1.0) == 0.0
+
+
+def test_truncated_length_equals_the_drafts_cut_short():
+    drafts = [(4, 4), (4, 1), (4, 0), (4, 2), (4, 3), (4, 2)]
+    c = counts_of(drafts)
+    for k in range(1, 5):
+        cut = counts_of([(k, min(a, k)) for _, a in drafts])
+        assert metrics.truncated_acceptance_length(c, k) == pytest.approx(
+            metrics.acceptance_length(cut))
+    assert metrics.truncated_acceptance_length(c, 0) == 1.0
+    assert metrics.truncated_acceptance_length(SpecCounts(), 2) is None
+    # Without per-position counts (TGI), the i.i.d. alpha of the pooled tau stands in.
+    pooled = SpecCounts(c.num_drafts, c.num_draft_tokens, c.num_accepted_tokens)
+    alpha = metrics.alpha_from_acceptance_length(metrics.acceptance_length(c), 4)
+    assert metrics.truncated_acceptance_length(pooled, 2) == pytest.approx(
+        metrics.expected_acceptance_length(alpha, 2))
+    assert metrics.truncated_acceptance_length(pooled, 4) == pytest.approx(
+        metrics.acceptance_length(c))
+
+
+def test_step_costs_interpolate_the_verification_cost():
+    costs = metrics.StepCosts(batch_size=1, cost_ratio=0.05, verify_cost={1: 1.1, 3: 1.5})
+    assert costs.verify(0) == 1.0  # plain decoding: one token
+    assert costs.verify(1) == 1.1 and costs.verify(3) == 1.5
+    assert costs.verify(2) == pytest.approx(1.3)
+    assert costs.verify(5) == pytest.approx(1.9)  # along the last segment
+    only_c = metrics.StepCosts(1, 0.05, {})
+    assert only_c.verify(4) == 1.0  # nothing measured: Leviathan's assumption
+    assert metrics.StepCosts.from_dict(costs.to_dict()) == costs
+    for bad in ({"batch_size": 0, "cost_ratio": 0.1, "verify_cost": {}},
+                {"batch_size": 1, "cost_ratio": -1, "verify_cost": {}},
+                {"batch_size": 1, "cost_ratio": 0.1, "verify_cost": {"2": 0}}):
+        with pytest.raises(ValueError):
+            metrics.StepCosts.from_dict(bad)
+    at = [metrics.StepCosts(1, 0.05, {}), metrics.StepCosts(8, 0.1, {})]
+    assert metrics.nearest_costs(at, None).batch_size == 1
+    assert metrics.nearest_costs(at, 3.0).batch_size == 1
+    assert metrics.nearest_costs(at, 6.0).batch_size == 8
+    assert metrics.nearest_costs([], 2.0) is None
+
+
+def test_recommended_k_follows_the_acceptance_per_position():
+    costs = metrics.StepCosts(1, 0.05, {1: 1.1, 3: 1.5})
+    # Drafts accepted almost fully: the longest k pays best.
+    good = counts_of([(3, 3)] * 8 + [(3, 2)] * 2)
+    assert metrics.recommended_k(good, costs) == 3
+    # Only the first token is ever accepted: k = 1.
+    first = counts_of([(3, 1)] * 9 + [(3, 0)])
+    assert metrics.recommended_k(first, costs) == 1
+    speeds = [costs.speedup(first, k) for k in range(4)]
+    assert speeds[1] == max(speeds) and speeds[0] == 1.0
+    # Collapsed acceptance: speculation off (k = 0), and the prediction at k = 3 is below 1.
+    bad = counts_of([(3, 0)] * 9 + [(3, 1)])
+    assert metrics.recommended_k(bad, costs) == 0
+    assert costs.speedup(bad, 3) < 1
+    assert metrics.recommended_k(SpecCounts(), costs) is None
+
+
 def test_measured_speedup_and_summary():
     assert metrics.speedup(30.0, 20.0) == 1.5
     assert metrics.speedup(30.0, 0.0) is None

@@ -42,6 +42,10 @@ EXPOSED_METRICS = {
     "deepspec_acceptance_rate",
     "deepspec_acceptance_length",
     "deepspec_position_acceptance_rate",
+    "deepspec_predicted_speedup",
+    "deepspec_break_even_acceptance_rate",
+    "deepspec_recommended_k",
+    "deepspec_baseline_speedup",
     "deepspec_baseline_acceptance_rate",
     "deepspec_baseline_acceptance_length",
     "deepspec_baseline_position_acceptance_rate",
@@ -122,7 +126,7 @@ def test_rule_groups_alerts_and_annotations():
     alerts = {rule["alert"]: rule for rule in load_rules() if "alert" in rule}
     assert set(alerts) == {"DeepSpecAcceptanceBelowBaseline", "DeepSpecDriftAlarm",
                            "DeepSpecTargetFingerprintMismatch", "DeepSpecPluginErrors",
-                           "DeepSpecNoSpecDecodeTraffic"}
+                           "DeepSpecNoSpecDecodeTraffic", "DeepSpecBelowBreakEven"}
     for name, rule in alerts.items():
         assert rule["labels"]["severity"] in {"info", "warning", "critical"}, name
         assert set(rule["annotations"]) >= {"summary", "description"}, name
@@ -132,6 +136,7 @@ def test_rule_groups_alerts_and_annotations():
     assert alerts["DeepSpecDriftAlarm"]["for"] == "0m"
     assert alerts["DeepSpecTargetFingerprintMismatch"]["for"] == "0m"
     assert alerts["DeepSpecAcceptanceBelowBaseline"]["for"] == "15m"
+    assert alerts["DeepSpecBelowBreakEven"]["for"] == "10m"
 
 
 def test_alert_rules_use_only_exposed_metrics_and_their_own_recordings():
@@ -163,7 +168,17 @@ MUTATIONS = {
         "0.8 * max by (model_name) (deepspec_baseline_acceptance_rate)",
         "0.9 * max by (model_name) (deepspec_baseline_acceptance_rate)"),
     "for 15m -> 5m (m_brief would fire)": ("for: 15m", "for: 5m"),
-    "no traffic floor (m_quiet would fire)": ("rate10m * 600 >= 1000", "rate10m * 600 >= 0"),
+    "no traffic floor (m_quiet would fire)": ("rate10m * 600 >= 1000\n        for: 15m",
+                                              "rate10m * 600 >= 0\n        for: 15m"),
+    "break-even: no traffic floor (m_quiet would fire)": (
+        "rate10m * 600 >= 1000\n        for: 10m", "rate10m * 600 >= 0\n        for: 10m"),
+    "break-even: best engine instead of worst (m_worst silent)": (
+        "min by (model_name) (deepspec_predicted_speedup", "max by (model_name) "
+        "(deepspec_predicted_speedup"),
+    "break-even: any window (m_short would fire)": (
+        'deepspec_predicted_speedup{window="5m"}) < 1', "deepspec_predicted_speedup) < 1"),
+    "break-even: for 10m -> 5m (fires at 9m)": (
+        "rate10m * 600 >= 1000\n        for: 10m", "rate10m * 600 >= 1000\n        for: 4m"),
     "mean of engine rates instead of pooled": (
         "sum by (model_name) (rate(deepspec_accepted_tokens_total[10m]))",
         "avg by (model_name) (rate(deepspec_accepted_tokens_total[10m])) * 2"),
@@ -306,6 +321,10 @@ def _plugin_like_series() -> list[dict]:
             add("deepspec_acceptance_length", w, "2x20")
             add("deepspec_position_acceptance_rate", f'{w},position="0"', "0.75x20")
             add("deepspec_position_acceptance_rate", f'{w},position="1"', "0.25x20")
+            add("deepspec_predicted_speedup", w, "1.3x20")
+            add("deepspec_break_even_acceptance_rate", w, "0.2x20")
+            add("deepspec_recommended_k", w, "2x20")
+    add("deepspec_baseline_speedup", m, "1.4x20")
     add("deepspec_baseline_acceptance_rate", m, "0.55x20")
     add("deepspec_baseline_acceptance_length", m, "2.1x20")
     add("deepspec_baseline_position_acceptance_rate", f'{m},position="0"', "0.8x20")

@@ -9,12 +9,19 @@ The test that proves the mission, in two phases on one port, with a real Prometh
    counters equal vLLM's own ``vllm:spec_decode_*`` counters, engine by engine, the windowed gauges
    equal the ratios of those counters, the live acceptance equals the baseline, no alarm is
    raised, and every dashboard query returns data from Prometheus.
-2. The updated target (``build_tiny(perturb=0.3)``: acceptance 0.42 -> 0.18 on these prompts) with
+2. The updated target (``build_tiny(perturb=0.6)``: acceptance 0.42 -> 0.06 on these prompts) with
    the same draft and manifest, served by two API-server processes (vLLM's multi-process metrics):
    the fingerprint mismatch is a metric and a warning before any request; the counters, summed
    over both processes, still equal vLLM's; under traffic the drift alarm fires (default settings:
    ARL0 1e8 tokens) and the Prometheus alerts DeepSpecDriftAlarm and
    DeepSpecTargetFingerprintMismatch go to firing.
+
+Break-even: the target has 28 silent layers (``build_tiny(silent_layers=28)``: the same tokens at
+a step cost that lets the 1-layer draft pay), and the export's manifest carries the costs the
+harness measured at k = 1, 2, 3. In phase 1 the predicted-speedup gauge is the metrics' function
+of vLLM's counts and those costs, inside the interval of the speedup the harness measured, and
+above 1; in phase 2 it falls below 1, the recommended k drops, and DeepSpecBelowBreakEven (its
+``for`` and traffic floor lifted, see ``break_even_rules``) goes to firing.
 
 Bounded: each wait has a deadline, phase 2 sends at most ``MAX_PHASE2_REQUESTS``; every process is
 started in its own session and stopped by its PID. About 3-4 minutes, most of it vLLM starting.
@@ -40,7 +47,11 @@ from deepspec_plugin.bench.spec import SCHEMA
 
 K = 3
 MAX_TOKENS = 32
-PERTURB = 0.3
+PERTURB = 0.6
+# The tiny target with 28 silent layers (same tokens, a step 8x the 1-layer draft's): on this
+# CPU the draft then pays at k = 3 (the harness measured about 1.4x), so break-even means
+# something; the updated target's acceptance falls below it.
+SILENT_LAYERS = 28
 MODEL_NAME = "tiny"
 ENGINES = 2  # phase 1's data-parallel engines
 MAX_PHASE2_REQUESTS = 60
@@ -62,7 +73,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm, needs_vllm, needs_prometheus]
 def models(tmp_path_factory):
     from deepspec_plugin.models import build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("tiny-e2e"), seed=0, perturb=PERTURB)
+    return build_tiny(tmp_path_factory.mktemp("tiny-e2e"), seed=0, perturb=PERTURB,
+                      silent_layers=SILENT_LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +88,7 @@ def bench(tmp_path_factory) -> Path:
             "math": {"files": ["gsm8k.jsonl", "math500.jsonl"], "num_prompts": 4},
         },
         "chat_template": True, "max_new_tokens": MAX_TOKENS, "max_turns": 1,
-        "temperatures": [0.0], "k": [K], "batch_sizes": [1], "seeds": [0],
+        "temperatures": [0.0], "k": list(range(1, K + 1)), "batch_sizes": [1], "seeds": [0],
     }))
     return path
 
@@ -125,6 +137,21 @@ def prometheus_server(workdir: Path, scrape_port: int, rules: Path):
     with started(cmd, workdir / "prometheus.log", f"{url}/-/ready", cwd=workdir,
                  what="Prometheus", timeout_s=PROMETHEUS_READY_TIMEOUT_S):
         yield url
+
+
+def break_even_rules(workdir: Path) -> Path:
+    """alerts.yml with DeepSpecBelowBreakEven at for 0m and a floor of 1 draft token: the same
+    expression, without the 10 minutes and the traffic the test cannot wait for (its thresholds
+    are pinned by the promtool unit tests)."""
+    from deepspec_plugin.serving.monitoring import ALERTS_PATH
+
+    old = "model_name:deepspec_draft_tokens:rate10m * 600 >= 1000\n        for: 10m"
+    text = ALERTS_PATH.read_text()
+    assert text.count(old) == 1, "alerts.yml changed; update break_even_rules"
+    path = workdir / "alerts.yml"
+    path.write_text(text.replace(old, "model_name:deepspec_draft_tokens:rate10m * 600 >= 1"
+                                      "\n        for: 0m"))
+    return path
 
 
 def _wait(ready, timeout_s: float, why, every_s: float = 0.5):
@@ -211,16 +238,24 @@ def _chat(url: str, prompt: str) -> None:
 
 def test_plugin_end_to_end(models, bench, exported, tmp_path):
     from deepspec_plugin.manifest import read_manifest
-    from deepspec_plugin.serving.monitoring import ALERTS_PATH, dashboard_queries
+    from deepspec_plugin.serving.monitoring import dashboard_queries
 
     baseline = read_manifest(exported).baseline
     assert baseline is not None and 0.2 < baseline.acceptance_rate < 0.8
+    # The export carries what the break-even needs, measured by the harness.
+    costs = baseline.costs_at(1)
+    assert costs is not None and 0 < costs.cost_ratio < 1
+    assert sorted(costs.verify_cost) == list(range(1, K + 1))
+    offline = baseline.speedup_at(K)
+    lo, hi = offline["ci95"]
+    print(f"export: c {costs.cost_ratio:.3f}, v {costs.verify_cost}, speedup at k = {K} "
+          f"{offline['measured']:.2f} [{lo:.2f}, {hi:.2f}], predicted {offline['predicted']:.2f}")
     prompts = _prompts(bench)
     port = free_port()
     # The tiny models' full context: the reference engine measured the baseline on whole prompts.
     served = ("--served-model-name", MODEL_NAME, "--max-model-len", "1024")
 
-    with prometheus_server(tmp_path, port, ALERTS_PATH) as prom:
+    with prometheus_server(tmp_path, port, break_even_rules(tmp_path)) as prom:
         # --- phase 1: the target the draft was made for ------------------------------------
         # Two data-parallel engines: the engine label.
         with vllm_server(tmp_path, target=models.target, draft=exported, port=port,
@@ -272,6 +307,20 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             assert live == pytest.approx(baseline.acceptance_rate, rel=1e-9)
             assert _value(end, "deepspec_drift_alarm") == 0
             assert _value(end, "deepspec_plugin_errors_total") == 0
+            # The live prediction: the metrics' function of vLLM's counts and the export's costs,
+            # inside the interval of the speedup the harness measured for this draft.
+            assert _value(end, "deepspec_baseline_speedup") == pytest.approx(offline["measured"])
+            recommended = {}
+            for engine in busy:
+                counts, where = _vllm_counts(end, engine), {"engine": engine, "window": "5m"}
+                predicted = _value(end, "deepspec_predicted_speedup", **where)
+                assert predicted == pytest.approx(costs.speedup(counts, K)), engine
+                print(f"phase 1: engine {engine} predicted {predicted:.2f}, break-even "
+                      f"{_value(end, 'deepspec_break_even_acceptance_rate', **where):.3f}")
+                assert lo <= predicted <= hi, (engine, predicted, lo, hi)
+                recommended[engine] = _value(end, "deepspec_recommended_k", **where)
+                assert recommended[engine] == metrics.recommended_k(counts, costs, K)
+            assert min(recommended.values()) >= 1, recommended
 
             # Prometheus has the final counts, and every dashboard query returns data.
             _wait(lambda: [r for r in _query(prom, "sum(deepspec_drafts_total)")
@@ -280,7 +329,8 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             time.sleep(2.0)  # a couple more scrapes, for rate() over the last points
             empty = [title for title, expr in dashboard_queries() if not _query(prom, expr)]
             assert not empty, f"dashboard panels without data: {empty}"
-            assert not {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch"} & _firing(prom)
+            assert not {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch",
+                        "DeepSpecBelowBreakEven"} & _firing(prom)
 
         # --- phase 2: the target was updated, the draft was not -----------------------------
         # Two API-server processes: vLLM's multi-process metrics (PROMETHEUS_MULTIPROC_DIR).
@@ -308,8 +358,17 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             print(f"phase 2: alarm after {sent} requests, {drifted.num_draft_tokens} draft tokens;"
                   f" acceptance {metrics.acceptance_rate(drifted):.3f}")
             assert metrics.acceptance_rate(drifted) < 0.8 * baseline.acceptance_rate
+            # Below break-even now, and a shorter draft (or none) is recommended.
+            predicted = _value(end, "deepspec_predicted_speedup", window="5m")
+            k_now = _value(end, "deepspec_recommended_k", window="5m")
+            print(f"phase 2: predicted {predicted:.2f}, recommended k {k_now:g}")
+            # (Each API-server process predicts from its own requests; the gauge is the most
+            # recent process's, so it is not the prediction from the summed counts.)
+            assert predicted < 1
+            assert k_now < min(recommended.values())
 
-            wanted = {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch"}
+            wanted = {"DeepSpecDriftAlarm", "DeepSpecTargetFingerprintMismatch",
+                      "DeepSpecBelowBreakEven"}
             _wait(lambda: wanted <= _firing(prom), ALERT_TIMEOUT_S,
                   lambda: f"alerts firing: {sorted(_firing(prom))}, wanted {sorted(wanted)}")
 

@@ -99,7 +99,13 @@ def test_entry_pools_units_and_uses_the_metric_definitions():
     assert e.conditional_position_acceptance == metrics.conditional_position_acceptance(pooled)
     assert e.alpha == metrics.alpha_from_acceptance_length(e.acceptance_length, 3)
     assert e.cost_ratio == pytest.approx(0.1) and e.cost_ratio_source == "measured"
-    assert e.predicted_speedup == metrics.predicted_speedup(e.alpha, 3, e.cost_ratio)
+    # No plain or verification step times in these units: c over the target steps, v assumed 1.
+    assert e.verify_cost == 1.0 and e.verify_cost_source.startswith("assumed")
+    assert e.predicted_speedup == metrics.speedup_at_length(e.acceptance_length, 3,
+                                                            e.cost_ratio, 1.0)
+    assert e.predicted_speedup == pytest.approx(metrics.predicted_speedup(e.alpha, 3,
+                                                                          e.cost_ratio))
+    assert e.break_even_acceptance_rate == pytest.approx((3 * 0.1 + 1.0 - 1.0) / 3)
     assert e.tokens_per_s == 52 / 2.0 and e.tokens_per_s_baseline == 64 / 4.0
     assert e.speedup == metrics.speedup(26.0, 16.0)
     assert e.per_request == metrics.per_request_means(

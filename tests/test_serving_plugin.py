@@ -29,7 +29,7 @@ from real_servers import needs_vllm
 
 from deepspec_plugin import metrics
 from deepspec_plugin.manifest import Baseline, DraftManifest, write_manifest
-from deepspec_plugin.metrics import SpecCounts
+from deepspec_plugin.metrics import SpecCounts, StepCosts
 from deepspec_plugin.serving import exposition
 from deepspec_plugin.serving.telemetry import (
     ERROR_KINDS,
@@ -56,11 +56,19 @@ class FakeClock:
         return self.t
 
 
+# Made-up costs at two batch sizes: at 8 the draft costs more per plain step and verifying is
+# dearer, as on a GPU once the batch fills it.
+COSTS = (StepCosts(1, 0.05, {1: 1.05, 3: 1.2}), StepCosts(8, 0.1, {3: 1.6}))
+
+
 def make_manifest(p0: float = 0.6, per_position=(0.8, 0.55, 0.35),
                   target_fingerprint: str = FP_A, tokenizer_fingerprint: str = FP_B,
                   baseline: bool = True) -> DraftManifest:
     b = Baseline(k=len(per_position), temperature=0.0, acceptance_rate=p0,
-                 acceptance_length=1.0 + sum(per_position), per_position=list(per_position))
+                 acceptance_length=1.0 + sum(per_position), per_position=list(per_position),
+                 report={"batch_size": 1}, costs=list(COSTS),
+                 speedups=[{"k": len(per_position), "batch_size": 1, "measured": 1.4,
+                            "ci95": [1.3, 1.5], "predicted": 1.5}])
     return DraftManifest(target_fingerprint, tokenizer_fingerprint, k=len(per_position),
                          baseline=b if baseline else None)
 
@@ -275,6 +283,54 @@ def test_the_drift_alarm_is_quiet_at_the_baseline_and_fires_after_a_drop():
     assert samples(t)["deepspec_drift_alarm"] == {("m", "0"): 1.0}
 
 
+def break_even_gauges(t: SpecTelemetry, window: str = "1m") -> tuple:
+    found = samples(t)
+    return tuple(windowed(found, f"deepspec_{m}", window).get(())
+                 for m in ("predicted_speedup", "break_even_acceptance_rate", "recommended_k"))
+
+
+def test_break_even_gauges_use_the_costs_at_the_live_batch_size():
+    clock = FakeClock()
+    t = SpecTelemetry(DraftInfo("m", k=3), make_manifest(), clock=clock)
+    # Steps of one draft each: batch 1, the costs at batch 1.
+    for _ in range(4):
+        t.observe("0", 1, 3, 2, [1, 1, 0])
+    predicted, rate, k = break_even_gauges(t)
+    assert predicted == pytest.approx(3 / (3 * 0.05 + 1.2))
+    assert rate == pytest.approx((3 * 0.05 + 1.2 - 1) / 3)
+    assert k == 2  # the third token is never accepted: cutting it saves its draft step
+    # A minute later, steps of 8 drafts: batch 8, the costs at batch 8 (v = 1.6, c = 0.1).
+    clock.t = 120.0
+    for _ in range(3):
+        t.observe("0", 8, 24, 16, [8, 8, 0])
+    predicted, rate, k = break_even_gauges(t)
+    assert predicted == pytest.approx(3 / (3 * 0.1 + 1.6))
+    assert rate == pytest.approx((3 * 0.1 + 1.6 - 1) / 3)
+    # Collapsed acceptance: below break-even, and speculation off pays best.
+    clock.t = 240.0
+    t.observe("0", 8, 24, 0, [0, 0, 0])
+    predicted, rate, k = break_even_gauges(t)
+    assert predicted < 1 and k == 0
+
+
+def test_break_even_gauges_need_the_measured_costs():
+    t = SpecTelemetry(DraftInfo("m", k=3), make_manifest(), clock=FakeClock())
+    t.baseline.costs = []
+    t.observe("0", 1, 3, 2, [1, 1, 0])
+    assert break_even_gauges(t) == (None, None, None)
+    assert samples(t)["deepspec_acceptance_rate"]  # the rest is there
+
+
+def test_observations_of_unknown_steps_take_the_smallest_batch_costs():
+    # The TGI sidecar sums a scrape interval in one observation (steps=0), with no positions.
+    t = SpecTelemetry(DraftInfo("m", k=3), make_manifest(), clock=FakeClock())
+    t.observe("0", 40, 120, 60, (), 100, steps=0)
+    predicted, rate, k = break_even_gauges(t)
+    assert predicted == pytest.approx((1 + 60 / 40) / (3 * 0.05 + 1.2))
+    assert rate == pytest.approx((3 * 0.05 + 1.2 - 1) / 3)
+    assert k in (1, 2, 3)
+
+
 def test_engines_have_their_own_labels_counts_and_cusums():
     t = make_telemetry(manifest=make_manifest(0.6), engines=(0, 1),
                        drift=DriftSettings(target_arl0_tokens=1e4))
@@ -335,6 +391,10 @@ DOCUMENTED = {
     "deepspec_acceptance_rate": ("gauge", ENGINE | {"window"}),
     "deepspec_acceptance_length": ("gauge", ENGINE | {"window"}),
     "deepspec_position_acceptance_rate": ("gauge", ENGINE | {"window", "position"}),
+    "deepspec_predicted_speedup": ("gauge", ENGINE | {"window"}),
+    "deepspec_break_even_acceptance_rate": ("gauge", ENGINE | {"window"}),
+    "deepspec_recommended_k": ("gauge", ENGINE | {"window"}),
+    "deepspec_baseline_speedup": ("gauge", {"model_name"}),
     "deepspec_baseline_acceptance_rate": ("gauge", {"model_name"}),
     "deepspec_baseline_acceptance_length": ("gauge", {"model_name"}),
     "deepspec_baseline_position_acceptance_rate": ("gauge", {"model_name", "position"}),
@@ -388,6 +448,13 @@ def test_collector_exposes_the_documented_names_labels_and_values():
     assert value[("deepspec_acceptance_rate", eng + (("window", "5m"),))] == pytest.approx(4 / 6)
     assert value[("deepspec_acceptance_length", eng + (("window", "1h"),))] == 3.0
     assert value[("deepspec_baseline_acceptance_rate", (("model_name", "m"),))] == 0.6
+    assert value[("deepspec_baseline_speedup", (("model_name", "m"),))] == 1.4
+    # One step of 2 drafts: batch 2, nearest the costs at batch 1; tau = 3 at k = 3.
+    one_m = eng + (("window", "1m"),)
+    assert value[("deepspec_predicted_speedup", one_m)] == pytest.approx(3 / (3 * 0.05 + 1.2))
+    assert value[("deepspec_break_even_acceptance_rate", one_m)] == pytest.approx(
+        (3 * 0.05 + 1.2 - 1) / 3)
+    assert value[("deepspec_recommended_k", one_m)] == 3
     assert value[("deepspec_plugin_errors", (("kind", "scrape"),))] == 0
     info = families["deepspec_draft_info"].samples[0]
     assert info.value == 1 and info.labels["k"] == "3" and info.labels["revision"] == "r1"

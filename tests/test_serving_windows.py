@@ -111,3 +111,14 @@ def test_bad_window_shapes_are_refused(seconds, buckets):
 def test_bad_counts_are_a_bug():
     with pytest.raises(ValueError):
         SlidingWindow(60).add(0.0, 1, 4, 5)
+
+
+def test_batch_size_is_drafts_per_drafting_step_and_expires():
+    w = SlidingWindow(60.0)
+    assert w.batch_size(0.0) is None
+    w.add(0.0, 4, 12, 6, (), steps=1)
+    w.add(1.0, 2, 6, 3, (), steps=1)
+    assert w.batch_size(2.0) == 3.0
+    w.add(2.0, 5, 15, 0)  # a source that cannot count steps: drafts without steps
+    assert w.batch_size(2.0) == 11 / 2
+    assert w.batch_size(200.0) is None  # all expired

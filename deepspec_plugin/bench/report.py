@@ -117,6 +117,9 @@ def _entry_rows(entries: list[ReportEntry]) -> list[dict[str, str]]:
             "acceptance [95% CI]": _with_ci(e, "acceptance_rate"),
             "speedup [95% CI]": _with_ci(e, "speedup", 2),
             "predicted": _num(e.predicted_speedup, 2),
+            "c / v": (f"{e.cost_ratio:.3f} / {e.verify_cost:.2f}"
+                      if e.cost_ratio is not None and e.verify_cost is not None else "-"),
+            "break-even acceptance": _num(e.break_even_acceptance_rate),
             "tok/s spec / plain": tps,
         })
     return rows
@@ -174,7 +177,9 @@ def render_markdown(report: EvalReport, out_dir: str | Path | None = None) -> st
         "alpha: i.i.d. acceptance probability that explains tau; tau: mean tokens per target "
         "pass (acceptance length); acceptance: accepted / proposed draft tokens; speedup: "
         "tokens/s with the draft over plain decoding, measured in the same run; predicted: "
-        "theory from alpha, k and the cost ratio. Intervals: 95% bootstrap over units "
+        "tau / (k c + v), c the cost ratio (draft step / plain target step), v the "
+        "verification cost (target pass over k + 1 tokens / over one); break-even acceptance: "
+        "the acceptance rate at which predicted speedup is 1. Intervals: 95% bootstrap over units "
         "(none from a single unit). "
         f"Definitions: {_metrics_link(out_dir)}.", "",
     ]
@@ -183,7 +188,9 @@ def render_markdown(report: EvalReport, out_dir: str | Path | None = None) -> st
         lines += _md_table(_entry_rows(entries))
         notes = sorted({e.speedup_note for e in entries if e.speedup_note})
         sources = sorted({e.cost_ratio_source or "unavailable" for e in entries})
-        lines += ["", f"Cost ratio c: {', '.join(sources)}."]
+        verify = sorted({e.verify_cost_source or "unavailable" for e in entries})
+        lines += ["", f"Cost ratio c: {', '.join(sources)}. Verification cost v: "
+                  f"{', '.join(verify)}."]
         lines += [f"Speedup: {n}." for n in notes]
         lines.append("")
     lines += ["## Plots", "", f"![acceptance by position]({ACCEPTANCE_PNG})", "",

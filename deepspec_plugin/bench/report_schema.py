@@ -131,10 +131,15 @@ class ReportEntry:
     conditional_position_acceptance: list[float | None] = field(default_factory=list)
     per_request: dict[str, float | None] | None = None
     alpha: float | None = None
-    # Predicted speedup from alpha, k and the cost ratio c (and where c came from).
+    # Predicted speedup tau / (k c + v) from the cost ratio c and the verification cost v (and
+    # where they came from), and the acceptance at which it is 1.
     cost_ratio: float | None = None
     cost_ratio_source: str | None = None
+    verify_cost: float | None = None
+    verify_cost_source: str | None = None
     predicted_speedup: float | None = None
+    break_even_acceptance_rate: float | None = None
+    break_even_alpha: float | None = None
     # Measured speed: speculative, plain decoding, and their ratio (or why there is none).
     new_tokens: int | None = None
     elapsed_s: float | None = None
@@ -175,7 +180,11 @@ class ReportEntry:
             "alpha": self.alpha,
             "cost_ratio": self.cost_ratio,
             "cost_ratio_source": self.cost_ratio_source,
+            "verify_cost": self.verify_cost,
+            "verify_cost_source": self.verify_cost_source,
             "predicted_speedup": self.predicted_speedup,
+            "break_even_acceptance_rate": self.break_even_acceptance_rate,
+            "break_even_alpha": self.break_even_alpha,
             "new_tokens": self.new_tokens,
             "elapsed_s": self.elapsed_s,
             "tokens_per_s": self.tokens_per_s,
@@ -219,7 +228,11 @@ class ReportEntry:
             alpha=d.get("alpha"),
             cost_ratio=d.get("cost_ratio"),
             cost_ratio_source=d.get("cost_ratio_source"),
+            verify_cost=d.get("verify_cost"),
+            verify_cost_source=d.get("verify_cost_source"),
             predicted_speedup=d.get("predicted_speedup"),
+            break_even_acceptance_rate=d.get("break_even_acceptance_rate"),
+            break_even_alpha=d.get("break_even_alpha"),
             new_tokens=d.get("new_tokens"),
             elapsed_s=d.get("elapsed_s"),
             tokens_per_s=d.get("tokens_per_s"),

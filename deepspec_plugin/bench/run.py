@@ -26,10 +26,12 @@
    categories (``overall``): counts summed over units, and from them, only through
    :mod:`deepspec_plugin.metrics`, the acceptance rate, acceptance length tau, per-position
    acceptance, per-request means, alpha (the i.i.d. acceptance probability whose expected length
-   equals tau), the predicted speedup from alpha, k and the cost ratio c, and the measured
-   speedup = speculative tokens/s over plain tokens/s (new tokens over engine wall time, pooled).
-   c is measured (mean draft step time over mean target step time, where the engine times its
-   steps) or else the draft's parameter count over the target's.
+   equals tau), the predicted speedup tau / (k c + v) and the break-even acceptance (rate and
+   alpha) at which it is 1, and the measured speedup = speculative tokens/s over plain tokens/s
+   (new tokens over engine wall time, pooled). c is measured (mean draft step time over mean
+   plain target step time, where the engine times its steps) or else the draft's parameter count
+   over the target's; v is measured (mean verification pass over k + 1 tokens over the plain
+   step) or else assumed 1 (Leviathan et al.).
 8. **Intervals.** 95% percentile-bootstrap intervals over units (2000 resamples, fixed seed,
    paired for speedup, stratified by category for ``overall``), see :mod:`.stats`.
 9. **Report.** ``report.json`` is rewritten atomically after every entry (``complete: false``),
@@ -167,6 +169,7 @@ class PlayedUnit:
     request_counts: list[SpecCounts] | None = field(default_factory=list)
     draft_step_s: list[float] = field(default_factory=list)
     target_step_s: list[float] = field(default_factory=list)
+    verify_step_s: list[float] = field(default_factory=list)
     answers: list[list[str]] = field(default_factory=list)
 
     def add(self, result: BatchResult, per_request: bool) -> None:
@@ -182,6 +185,8 @@ class PlayedUnit:
             self.draft_step_s.append(result.draft_step_s)
         if result.target_step_s is not None:
             self.target_step_s.append(result.target_step_s)
+        if result.verify_step_s is not None:
+            self.verify_step_s.append(result.verify_step_s)
 
 
 def play_unit(
@@ -237,6 +242,8 @@ def unit_record(
         "target_step_s": _mean(
             spec_run.target_step_s + (base_run.target_step_s if base_run else [])
         ),
+        "plain_step_s": _mean(base_run.target_step_s) if base_run else None,
+        "verify_step_s": _mean(spec_run.verify_step_s),
     }
 
 
@@ -261,10 +268,13 @@ def summarize_entry(
         per_request = None
 
     cost_ratio, cost_source = _cost_ratio(units, models_info)
-    predicted = (
-        metrics.predicted_speedup(alpha, k, cost_ratio)
-        if alpha is not None and cost_ratio is not None else None
-    )
+    verify_cost, verify_source = _verify_cost(units)
+    predicted = break_even_rate = break_even_alpha = None
+    if cost_ratio is not None:
+        if tau is not None:
+            predicted = metrics.speedup_at_length(tau, k, cost_ratio, verify_cost)
+        break_even_rate = metrics.break_even_acceptance_rate(k, cost_ratio, verify_cost)
+        break_even_alpha = metrics.break_even_alpha(k, cost_ratio, verify_cost)
 
     new_tokens = sum(u["new_tokens"] for u in units)
     elapsed = sum(u["elapsed_s"] for u in units)
@@ -303,7 +313,11 @@ def summarize_entry(
         alpha=alpha,
         cost_ratio=cost_ratio,
         cost_ratio_source=cost_source,
+        verify_cost=verify_cost,
+        verify_cost_source=verify_source,
         predicted_speedup=predicted,
+        break_even_acceptance_rate=break_even_rate,
+        break_even_alpha=break_even_alpha,
         new_tokens=new_tokens,
         elapsed_s=elapsed,
         tokens_per_s=tps,
@@ -317,15 +331,27 @@ def summarize_entry(
     )
 
 
+def _unit_mean(units: list[dict], key: str) -> float | None:
+    return _mean([u[key] for u in units if u.get(key) is not None])
+
+
 def _cost_ratio(units: list[dict], models_info: ReportModels) -> tuple[float | None, str]:
-    draft_s = _mean([u["draft_step_s"] for u in units if u["draft_step_s"] is not None])
-    target_s = _mean([u["target_step_s"] for u in units if u["target_step_s"] is not None])
+    draft_s = _unit_mean(units, "draft_step_s")
+    # c is over a plain decoding step; runs without a baseline have only the target's steps.
+    target_s = _unit_mean(units, "plain_step_s") or _unit_mean(units, "target_step_s")
     if draft_s is not None and target_s:
         return draft_s / target_s, "measured"
     target, draft = models_info.target, models_info.draft
     if target and draft and target.params and draft.params is not None:
         return draft.params / target.params, "parameter ratio"
     return None, "unavailable (no step timings and no draft parameter count)"
+
+
+def _verify_cost(units: list[dict]) -> tuple[float, str]:
+    verify_s, plain_s = _unit_mean(units, "verify_step_s"), _unit_mean(units, "plain_step_s")
+    if verify_s is not None and plain_s:
+        return verify_s / plain_s, "measured"
+    return 1.0, "assumed (the engine does not time its verification passes)"
 
 
 # ------------------------------------------------------------------------------------ the run

@@ -148,6 +148,25 @@ def _shape_tiny_weights(model, config, generator) -> None:
             model.lm_head.weight[i].mul_(_TINY_EOS_ROW_SCALE)
 
 
+def _with_silent_layers(config, state: dict, n: int):
+    """``n`` more layers, copies of the first ones whose o_proj and down_proj are zero: each adds
+    exactly 0 to the residual stream, so the outputs are unchanged."""
+    import copy
+
+    layers = config.num_hidden_layers
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers + n
+    state = dict(state)
+    for j in range(n):
+        src, dst = f"model.layers.{j % layers}.", f"model.layers.{layers + j}."
+        for name in [k for k in state if k.startswith(src)]:
+            t = state[name].clone()
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                t.zero_()
+            state[dst + name[len(src):]] = t
+    return config, state
+
+
 def _save_generation_config(dst: Path, eos_ids: list[int], bos: int, pad: int) -> None:
     write_json(
         dst / "generation_config.json",
@@ -176,8 +195,13 @@ def _save_state(state: dict, config, tokenizer, dst: Path) -> None:
     _save_generation_config(dst, [eos, eot], eot, eot)
 
 
-def build_tiny(out: Path, seed: int = 0, perturb: float | None = None) -> TinyModels:
+def build_tiny(out: Path, seed: int = 0, perturb: float | None = None,
+               silent_layers: int = 0) -> TinyModels:
     """Build the tiny tokenizer, target, 1-layer draft and (with `perturb`) an updated target.
+
+    ``silent_layers`` appends layers to the target that compute but add nothing to the residual
+    stream (copies of the first layers with zero output projections): the same tokens and
+    acceptance, at a target step several times its draft's, as with real targets.
 
     Deterministic: the same seed gives byte-identical weights and the same fingerprints. Each
     model directory is written into a temp dir and renamed into place (replacing an old build).
@@ -195,6 +219,8 @@ def build_tiny(out: Path, seed: int = 0, perturb: float | None = None) -> TinyMo
     generator = torch.Generator().manual_seed(seed)
     _shape_tiny_weights(model, config, generator)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if silent_layers:
+        config, state = _with_silent_layers(config, state, silent_layers)
 
     target = out / "target"
     with atomic_dir(target) as tmp:

@@ -11,9 +11,15 @@ Counters (labels ``model_name``, ``engine``):
 Windowed gauges (labels ``model_name``, ``engine``, ``window`` = 1m, 5m, 1h):
   ``deepspec_acceptance_rate``, ``deepspec_acceptance_length``,
   ``deepspec_position_acceptance_rate{position}``; absent while a window holds no drafts.
+  With the manifest's measured costs: ``deepspec_predicted_speedup`` (live acceptance at the
+  served k, the costs at the window's batch size: drafts per drafting step),
+  ``deepspec_break_even_acceptance_rate`` (the acceptance rate at which that prediction is 1)
+  and ``deepspec_recommended_k`` (the k in 0..served k that the live per-position acceptance
+  predicts fastest; 0: plain decoding would be faster), all from ``deepspec_plugin.metrics``.
 From the draft's manifest (label ``model_name``):
   ``deepspec_baseline_acceptance_rate``, ``deepspec_baseline_acceptance_length``,
-  ``deepspec_baseline_position_acceptance_rate{position}``,
+  ``deepspec_baseline_position_acceptance_rate{position}``, ``deepspec_baseline_speedup`` (the
+  speedup the harness measured at the served k),
   ``deepspec_drift_alarm{engine}`` (0/1) and ``deepspec_drift_score{engine}`` (CUSUM S / h),
   ``deepspec_draft_info{draft, revision, method, k, target, target_fingerprint,
   manifest_target_fingerprint}`` (= 1) and ``deepspec_target_fingerprint_mismatch`` (0/1).
@@ -94,6 +100,17 @@ SPECS = {s.name: s for s in (
        "Mean tokens per target forward pass over the window: 1 + accepted / drafts.", WINDOWED),
     _g("position_acceptance_rate",
        "Drafts with this position accepted / drafts, over the window.", WINDOWED + ("position",)),
+    _g("predicted_speedup",
+       "Speedup over plain decoding predicted from the window's acceptance and the measured "
+       "costs: tau / (k c + v).", WINDOWED),
+    _g("break_even_acceptance_rate",
+       "Acceptance rate at which the predicted speedup is 1, at the window's batch size.",
+       WINDOWED),
+    _g("recommended_k",
+       "Draft length (0..served k) with the highest predicted speedup at the window's "
+       "per-position acceptance; 0: plain decoding is faster.", WINDOWED),
+    _g("baseline_speedup", "Speedup over plain decoding measured offline at export, served k.",
+       ("model_name",)),
     _g("baseline_acceptance_rate", "Acceptance rate measured offline at export (the manifest).",
        ("model_name",)),
     _g("baseline_acceptance_length", "Acceptance length measured offline at export.",
@@ -166,17 +183,19 @@ class _Engine:
     accepted: int = 0
     per_position: list[int] = field(default_factory=list)
     pending_generation: int = 0
+    steps: int = 0
 
     def flush(self, now: float) -> None:
         if self.drafts or self.draft_tokens:
             for w in self.windows:
-                w.add(now, self.drafts, self.draft_tokens, self.accepted, self.per_position)
+                w.add(now, self.drafts, self.draft_tokens, self.accepted, self.per_position,
+                      self.steps)
             t = self.total
             t.num_drafts += self.drafts
             t.num_draft_tokens += self.draft_tokens
             t.num_accepted_tokens += self.accepted
             metrics.add_positions(t.accepted_per_position, self.per_position)
-            self.drafts = self.draft_tokens = self.accepted = 0
+            self.drafts = self.draft_tokens = self.accepted = self.steps = 0
             self.per_position = [0] * len(self.per_position)
         self.generation_tokens += self.pending_generation
         self.pending_generation = 0
@@ -216,6 +235,9 @@ class SpecTelemetry:
             log.warning("deepspec: baseline acceptance rate %s is not inside (0, 1); the drift "
                         "alarm is off for this draft", p0)
         self._p0 = p0 if p0 is not None and 0.0 < p0 < 1.0 else None
+        # The k served, for the predicted speedup: the engine's, else the manifest's.
+        self.k = info.k or (manifest.k if manifest else None) or (
+            self.baseline.k if self.baseline else None)
         for e in engines:
             self._engine(str(e))
 
@@ -229,9 +251,11 @@ class SpecTelemetry:
         accepted: int,
         per_position: Sequence[int] = (),
         generation_tokens: int = 0,
+        steps: int = 1,
     ) -> None:
         """Count one engine step: its drafts, proposed and accepted draft tokens, the drafts
-        accepted at each position, and every token it generated. ``engine`` is a string label."""
+        accepted at each position, and every token it generated. ``engine`` is a string label;
+        ``steps`` is 0 where one observation sums unknown many steps (the TGI sidecar's)."""
         if not 0 <= accepted <= draft_tokens or drafts < 0 or generation_tokens < 0:
             raise ValueError(f"bad counts: drafts={drafts}, draft_tokens={draft_tokens}, "
                              f"accepted={accepted}, generation_tokens={generation_tokens}")
@@ -252,6 +276,8 @@ class SpecTelemetry:
             e.draft_tokens += draft_tokens
             e.accepted += accepted
             e.pending_generation += generation_tokens
+            if drafts:
+                e.steps += steps
             if e.cusum is not None and draft_tokens:
                 e.cusum.update(accepted, draft_tokens)
             if self._pending_since is None:
@@ -335,6 +361,7 @@ class SpecTelemetry:
                 if c.num_drafts:
                     for i, r in enumerate(metrics.position_acceptance(c)):
                         add("position_acceptance_rate", (name, eng, label, str(i)), r)
+                    self._add_break_even(add, (name, eng, label), c, w.batch_size(now))
             if e.cusum is not None:
                 add("drift_alarm", (name, eng), 1.0 if e.cusum.alarm else 0.0)
                 add("drift_score", (name, eng), e.cusum.score)
@@ -344,6 +371,8 @@ class SpecTelemetry:
             add("baseline_acceptance_length", (name,), b.acceptance_length)
             for i, r in enumerate(b.per_position):
                 add("baseline_position_acceptance_rate", (name, str(i)), r)
+            measured = b.speedup_at(self.k) if self.k else None
+            add("baseline_speedup", (name,), measured["measured"] if measured else None)
         i = self.info
         add("draft_info", (name, i.draft, i.revision, i.method, "" if i.k is None else str(i.k),
                            i.target, i.target_fingerprint, i.manifest_target_fingerprint), 1.0)
@@ -351,3 +380,14 @@ class SpecTelemetry:
         for kind, n in sorted(self.errors.items()):
             add("plugin_errors_total", (kind,), n)
         return [(SPECS[n], samples) for n, samples in out.items()]
+
+    def _add_break_even(self, add, labels: tuple[str, ...], c: SpecCounts,
+                        batch_size: float | None) -> None:
+        costs = self.baseline.costs_at(batch_size) if self.baseline else None
+        k = self.k or len(c.accepted_per_position)
+        if costs is None or not k:
+            return
+        add("predicted_speedup", labels, costs.speedup(c, k))
+        add("break_even_acceptance_rate", labels,
+            metrics.break_even_acceptance_rate(k, costs.cost_ratio, costs.verify(k)))
+        add("recommended_k", labels, metrics.recommended_k(c, costs, k))

@@ -39,7 +39,9 @@ The mapping onto ``observe(engine="0", ...)``, from the increase between two scr
   non-decreasing: a prefill batch is counted in ``next_size`` just before its steps appear);
 * draft_tokens = drafts x N;  accepted = increase of ``skipped_sum``;
 * per_position = () (TGI has no per-position data: those gauges stay absent);
-* generation_tokens = increase of ``tgi_request_generated_tokens_sum``.
+* generation_tokens = increase of ``tgi_request_generated_tokens_sum``;
+* steps = 0 (unknown), so the predicted speedup and break-even use the manifest's costs at its
+  smallest batch size, and the recommended k the i.i.d. alpha of the pooled acceptance.
 
 Remaining bias: the accepted tokens of a request's last step after its stop token are not
 recorded (at most N - 1 per request, so acceptance reads slightly low for short answers); a
@@ -276,8 +278,10 @@ class TgiSidecar:
     def _observe(self, drafts: int, accepted: int, generated: int) -> None:
         # One observation per scrape interval, as a batched engine step is one (drift.py).
         if drafts or generated:
+            # steps=0: one scrape sums unknown many steps, so the predicted speedup takes the
+            # costs at the manifest's smallest batch size.
             self.telemetry.observe(ENGINE, drafts, drafts * self.speculate, accepted, (),
-                                   generated)
+                                   generated, steps=0)
 
     # --- running -----------------------------------------------------------------------------
 

@@ -47,9 +47,11 @@ class SlidingWindow:
         self._drafts = [0] * self.buckets
         self._draft_tokens = [0] * self.buckets
         self._accepted = [0] * self.buckets
+        self._steps = [0] * self.buckets  # engine steps that drafted: drafts / steps = batch
         self._positions: list[list[int]] = [[] for _ in range(self.buckets)]
         # Running totals over the ring.
         self._total = SpecCounts()
+        self._total_steps = 0
         self._head = 0  # ring slot of the newest bucket
         self._head_index: int | None = None  # absolute bucket number (floor(now / width)) of it
 
@@ -75,6 +77,7 @@ class SlidingWindow:
     def _clear(self) -> None:
         n = self.buckets
         self._drafts, self._draft_tokens, self._accepted = [0] * n, [0] * n, [0] * n
+        self._steps, self._total_steps = [0] * n, 0
         self._positions = [[] for _ in range(n)]
         # Keep one (zero) entry per position seen, as partial expiry does.
         self._total = SpecCounts(accepted_per_position=[0] * len(self._total.accepted_per_position))
@@ -84,6 +87,8 @@ class SlidingWindow:
         t.num_drafts -= self._drafts[slot]
         t.num_draft_tokens -= self._draft_tokens[slot]
         t.num_accepted_tokens -= self._accepted[slot]
+        self._total_steps -= self._steps[slot]
+        self._steps[slot] = 0
         old = self._positions[slot]
         for i, v in enumerate(old):
             t.accepted_per_position[i] -= v
@@ -97,9 +102,11 @@ class SlidingWindow:
         draft_tokens: int,
         accepted: int,
         per_position: Sequence[int] = (),
+        steps: int = 0,
     ) -> None:
         """Count one engine step's drafts, proposed tokens, accepted tokens and per-position
-        acceptances (``per_position[i]``: drafts whose position i was accepted)."""
+        acceptances (``per_position[i]``: drafts whose position i was accepted); ``steps``: the
+        engine steps these drafts came in (0 where the source cannot tell, as TGI's)."""
         if drafts < 0 or draft_tokens < 0 or not 0 <= accepted <= draft_tokens:
             raise ValueError(
                 f"bad counts: drafts={drafts}, draft_tokens={draft_tokens}, accepted={accepted}"
@@ -109,6 +116,9 @@ class SlidingWindow:
         self._drafts[slot] += drafts
         self._draft_tokens[slot] += draft_tokens
         self._accepted[slot] += accepted
+        if steps:
+            self._steps[slot] += steps
+            self._total_steps += steps
         t = self._total
         t.num_drafts += drafts
         t.num_draft_tokens += draft_tokens
@@ -128,6 +138,12 @@ class SlidingWindow:
             num_accepted_tokens=t.num_accepted_tokens,
             accepted_per_position=list(t.accepted_per_position) if t.num_drafts else [],
         )
+
+    def batch_size(self, now: float) -> float | None:
+        """Mean drafts per drafting engine step in the window: the speculative batch size; None
+        when no step was counted."""
+        self._advance(now)
+        return self._total.num_drafts / self._total_steps if self._total_steps else None
 
     def acceptance_rate(self, now: float) -> float | None:
         """Accepted / proposed tokens in the window; None when nothing was drafted."""

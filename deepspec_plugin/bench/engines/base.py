@@ -37,6 +37,9 @@ class BatchResult:
     # it (on GPU after a synchronize). The harness takes the cost ratio c from these.
     draft_step_s: float | None = None
     target_step_s: float | None = None
+    # Mean wall time of one verification pass of the target over k + 1 tokens: with
+    # target_step_s of plain decoding, the verification cost v of the predicted speedup.
+    verify_step_s: float | None = None
 
     @property
     def num_new_tokens(self) -> int:

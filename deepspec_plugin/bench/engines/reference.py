@@ -154,10 +154,11 @@ class ReferenceEngine(Engine):
             self._sync()
             started = time.perf_counter()
             timer = StepTimer(self.device)
+            verify_timer = StepTimer(self.device, widths=(cfg.k + 1,)) if cfg.k else None
             if cfg.k is None:
                 self._plain(prompts, cfg, requests, generator, timer)
             else:
-                self._speculative(prompts, cfg, requests, generator, timer)
+                self._speculative(prompts, cfg, requests, generator, timer, verify_timer)
             self._sync()
             elapsed = time.perf_counter() - started
             step_s = timer.mean_s()
@@ -167,6 +168,7 @@ class ReferenceEngine(Engine):
             counts=SpecCounts.total(r.counts for r in requests),
             draft_step_s=step_s if cfg.k is not None else None,
             target_step_s=step_s if cfg.k is None else None,
+            verify_step_s=verify_timer.mean_s() if verify_timer else None,
         )
 
     def describe(self) -> dict:
@@ -242,7 +244,7 @@ class ReferenceEngine(Engine):
             num_valid = num_valid + 1
             token = sample_from_logits(logits[:, -1], cfg.temperature, generator)
 
-    def _speculative(self, prompts, cfg, requests, generator, timer) -> None:
+    def _speculative(self, prompts, cfg, requests, generator, timer, verify_timer) -> None:
         """Propose k tokens, verify them in one target pass, repeat; the proposer times its
         single-token steps. A proposer with ``target_layers`` (EAGLE-3, Medusa, MLP speculator)
         gets the target's hidden states entering those layers (id = the number of layers: the
@@ -258,12 +260,14 @@ class ReferenceEngine(Engine):
 
             capture = AuxHiddenStates(self.target, layers)
         try:
-            self._speculate(prompts, cfg, requests, generator, timer, capture, sampled)
+            self._speculate(prompts, cfg, requests, generator, timer, verify_timer, capture,
+                            sampled)
         finally:
             if capture is not None:
                 capture.remove()
 
-    def _speculate(self, prompts, cfg, requests, generator, timer, capture, sampled) -> None:
+    def _speculate(self, prompts, cfg, requests, generator, timer, verify_timer, capture,
+                   sampled) -> None:
         import torch
 
         from deepspec_plugin.bench.engines.rejection import (
@@ -313,9 +317,11 @@ class ReferenceEngine(Engine):
             t_start = t_mask.length
             t_mask.append_ones(k + 1)
             verify_inputs = torch.cat([pending[:, None], proposal.tokens], 1)
+            started = verify_timer.start()
             target_logits = self._target.forward(
                 verify_inputs, t_mask, t_valid[:, None] + offsets, t_cache, keep=k + 1
             )
+            verify_timer.stop(started, width=k + 1)
             target_states = states()
             if temperature == 0:
                 num_accepted, next_token = greedy_verify(target_logits, proposal.tokens)

@@ -307,9 +307,17 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
             assert live == pytest.approx(baseline.acceptance_rate, rel=1e-9)
             assert _value(end, "deepspec_drift_alarm") == 0
             assert _value(end, "deepspec_plugin_errors_total") == 0
-            # The live prediction: the metrics' function of vLLM's counts and the export's costs,
-            # inside the interval of the speedup the harness measured for this draft.
+            # The live prediction: per engine, the metrics' function of vLLM's counts and the
+            # export's costs. Over both engines (the report's prompts, so the report's counts) it
+            # is the harness's prediction, inside the interval of the speedup it measured; each
+            # engine alone saw half the prompts, so its gauge may fall outside.
             assert _value(end, "deepspec_baseline_speedup") == pytest.approx(offline["measured"])
+            fleet = costs.speedup(theirs, K)
+            print(f"phase 1: predicted over both engines {fleet:.2f}")
+            # (Not exactly: the manifest's c is the mean over the measured k, the report's
+            # entry its own k's c.)
+            assert fleet == pytest.approx(offline["predicted"], rel=0.1)
+            assert lo <= fleet <= hi and fleet > 1
             recommended = {}
             for engine in busy:
                 counts, where = _vllm_counts(end, engine), {"engine": engine, "window": "5m"}
@@ -317,7 +325,7 @@ def test_plugin_end_to_end(models, bench, exported, tmp_path):
                 assert predicted == pytest.approx(costs.speedup(counts, K)), engine
                 print(f"phase 1: engine {engine} predicted {predicted:.2f}, break-even "
                       f"{_value(end, 'deepspec_break_even_acceptance_rate', **where):.3f}")
-                assert lo <= predicted <= hi, (engine, predicted, lo, hi)
+                assert predicted > 1, (engine, predicted)
                 recommended[engine] = _value(end, "deepspec_recommended_k", **where)
                 assert recommended[engine] == metrics.recommended_k(counts, costs, K)
             assert min(recommended.values()) >= 1, recommended

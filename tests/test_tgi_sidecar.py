@@ -24,7 +24,7 @@ from deepspec_plugin import metrics
 from deepspec_plugin.cli import app, main
 from deepspec_plugin.errors import DspecError
 from deepspec_plugin.manifest import Baseline, DraftManifest, write_manifest
-from deepspec_plugin.metrics import SpecCounts
+from deepspec_plugin.metrics import SpecCounts, StepCosts
 from deepspec_plugin.serving.exposition import TelemetryCollector
 from deepspec_plugin.serving.telemetry import DriftSettings
 from deepspec_plugin.serving.tgi_sidecar import (
@@ -95,9 +95,10 @@ def sample(telemetry, name: str, **labels) -> float | None:
     return registry.get_sample_value(name, labels)
 
 
-def write_test_manifest(path, acceptance_rate=0.6, target_fingerprint=FAKE_FP):
+def write_test_manifest(path, acceptance_rate=0.6, target_fingerprint=FAKE_FP, costs=()):
     baseline = Baseline(k=N, temperature=0.0, acceptance_rate=acceptance_rate,
-                        acceptance_length=1 + N * acceptance_rate, per_position=[])
+                        acceptance_length=1 + N * acceptance_rate, per_position=[],
+                        costs=list(costs))
     manifest = DraftManifest(target_fingerprint, FAKE_FP, method="medusa", k=N, baseline=baseline)
     path.mkdir(parents=True, exist_ok=True)
     return write_manifest(manifest, path / "deepspec.json")
@@ -306,6 +307,33 @@ def test_drift_alarm_fires_below_the_baseline_and_not_at_it(tgi, tmp_path):
     assert sample(telemetry, "deepspec_drift_alarm", model_name="m", engine="0") == 1
     assert sample(telemetry, "deepspec_acceptance_rate", model_name="m", engine="0",
                   window="1m") < 0.6
+
+
+def test_the_break_even_gauges_come_from_speculate_and_the_smallest_batch_costs(tgi, tmp_path):
+    """TGI has no step count and no positions: the prediction takes --speculate as k, the costs
+    at the manifest's smallest batch size, and the i.i.d. alpha for the recommended k."""
+    costs = [StepCosts(1, 0.05, {1: 1.1, N: 1.3}), StepCosts(16, 0.2, {N: 2.0})]
+    manifest = write_test_manifest(tmp_path / "draft", costs=costs)
+    telemetry = build_telemetry(N, manifest=manifest, model_name="m")
+    sidecar = TgiSidecar(tgi.url, N, telemetry)
+    sidecar.scrape_once()
+    tgi.tgi.prefill(8)
+    for _ in range(10):
+        tgi.tgi.decode(steps_at(0.6, 8))
+    sidecar.scrape_once()
+    where = dict(model_name="m", engine="0", window="1m")
+    tau = metrics.acceptance_length(telemetry.counts("0"))  # 1 + 19 / 8 (steps_at rounds)
+    assert sample(telemetry, "deepspec_predicted_speedup", **where) == pytest.approx(
+        tau / (N * 0.05 + 1.3))
+    assert sample(telemetry, "deepspec_break_even_acceptance_rate", **where) == pytest.approx(
+        (N * 0.05 + 1.3 - 1) / N)
+    counts = telemetry.counts("0")
+    assert sample(telemetry, "deepspec_recommended_k", **where) == metrics.recommended_k(
+        counts, costs[0], N)
+    for _ in range(10):  # nothing accepted: the window's prediction falls
+        tgi.tgi.decode([0] * 8)
+    sidecar.scrape_once()
+    assert sample(telemetry, "deepspec_predicted_speedup", **where) < tau / (N * 0.05 + 1.3)
 
 
 def test_target_fingerprint_mismatch(tiny, tmp_path, caplog):

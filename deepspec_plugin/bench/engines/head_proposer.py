@@ -42,7 +42,7 @@ class HeadProposer:
     ) -> Proposal:
         import torch
 
-        from deepspec_plugin.bench.engines.rejection import probs_from_logits, sample_from_probs
+        from deepspec_plugin.bench.engines.rejection import draft_token
 
         heads = self.heads
         medusa = self.method == "medusa"
@@ -56,11 +56,8 @@ class HeadProposer:
                 state = heads.stage(i, state, previous)
                 logits = heads.logits(state)
             timer.stop(started)
-            if temperature == 0 or not sample:
-                token = logits.argmax(-1)
-            else:
-                q = probs_from_logits(logits, temperature)
-                token = sample_from_probs(q, generator)
+            token, q = draft_token(logits, temperature, sample, generator)
+            if q is not None:
                 probs.append(q)
             tokens.append(token)
             previous = token

@@ -87,7 +87,7 @@ class DraftModelProposer:
     ) -> Proposal:
         import torch
 
-        from deepspec_plugin.bench.engines.rejection import probs_from_logits, sample_from_probs
+        from deepspec_plugin.bench.engines.rejection import draft_token
 
         mask = self.mask
         if self.any_full:
@@ -107,11 +107,8 @@ class DraftModelProposer:
             started = timer.start()
             logits = self.lm.forward(inputs, mask, positions, self.cache, keep=1)[:, -1]
             timer.stop(started, width=inputs.shape[1])
-            if temperature == 0 or not sample:
-                token = logits.argmax(-1)
-            else:
-                q = probs_from_logits(logits, temperature)
-                token = sample_from_probs(q, generator)
+            token, q = draft_token(logits, temperature, sample, generator)
+            if q is not None:
                 probs.append(q)
             tokens.append(token)
             if i < k - 1:

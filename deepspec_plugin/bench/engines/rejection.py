@@ -38,6 +38,16 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None) ->
     return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
 
 
+
+def draft_token(logits: torch.Tensor, temperature: float, sample: bool,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A draft's next token and the distribution q it was sampled from: its argmax (q None)
+    at T = 0 or under the greedy drafting rule."""
+    if temperature == 0 or not sample:
+        return logits.argmax(-1), None
+    q = probs_from_logits(logits, temperature)
+    return sample_from_probs(q, generator), q
+
 def sample_from_logits(
     logits: torch.Tensor, temperature: float, generator: torch.Generator | None
 ) -> torch.Tensor:

@@ -62,32 +62,45 @@ def bench(target, draft, out: Path, engine="reference", **overrides):
     return report
 
 
-def ceiling(target, context: int = 160, widths=range(1, 9), repeats: int = 40) -> dict:
-    """Median time of a cached target forward of n tokens over n = 1, relative, at batch 1."""
+def forward_times(model, widths, context: int = 160, batch: int = 1, repeats: int = 40,
+                  seed: int = 0) -> dict[int, float]:
+    """Median seconds of a cached forward of n new tokens per row after ``context`` tokens."""
     import torch
 
     from deepspec_plugin.bench.engines.cached_lm import CachedLM, RowMask
-    from deepspec_plugin.models import load_causal_lm
 
-    model = load_causal_lm(target)
     lm = CachedLM(model)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, 40000, (1, context), generator=gen)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 40000, (batch, context), generator=gen)
+    positions = torch.arange(context)[None].expand(batch, -1)
     times = {}
     with torch.inference_mode():
         for n in widths:
             samples = []
             for _ in range(repeats):
                 cache = lm.new_cache()
-                mask = RowMask(torch.ones(1, context, dtype=torch.long), "cpu")
-                lm.forward(ids, mask, torch.arange(context)[None], cache, keep=1)
+                mask = RowMask(torch.ones(batch, context, dtype=torch.long), "cpu")
+                lm.forward(ids, mask, positions, cache, keep=1)
                 mask.append_ones(n)
-                x = torch.randint(100, 40000, (1, n), generator=gen)
+                x = torch.randint(100, 40000, (batch, n), generator=gen)
                 started = time.perf_counter()
-                lm.forward(x, mask, context + torch.arange(n)[None], cache, keep=n)
+                lm.forward(x, mask, context + torch.arange(n)[None].expand(batch, -1), cache,
+                           keep=n)
                 samples.append(time.perf_counter() - started)
             times[n] = sorted(samples)[len(samples) // 2]
-    return {"context": context, "t1_ms": times[1] * 1e3,
+    return times
+
+
+def ceiling(target, context: int = 160, widths=range(1, 9), repeats: int = 40) -> dict:
+    """Median time of a cached target forward of n tokens over n = 1, relative, at batch 1, with
+    the reference engine's linear layers (``skinny_linear.py``)."""
+    from deepspec_plugin.bench.engines.skinny_linear import use_skinny_linears
+    from deepspec_plugin.models import load_causal_lm
+
+    model = load_causal_lm(target)
+    use_skinny_linears(model)
+    times = forward_times(model, widths, context, repeats=repeats)
+    return {"context": context, "t1_ms": times[1] * 1e3, "linears": "skinny",
             "relative": {n: times[n] / times[1] for n in widths},
             "oracle_speedup": {n - 1: n * times[1] / times[n] for n in widths if n > 1}}
 

@@ -87,7 +87,7 @@ class ReferenceEngine(Engine):
 
     def __init__(
         self, target_model, draft_model=None, device: str = "cpu", proposer: Proposer | None = None,
-        draft_sample_method: str = "probabilistic",
+        draft_sample_method: str = "probabilistic", skinny_linears: bool = True,
     ):
         import torch
 
@@ -107,11 +107,18 @@ class ReferenceEngine(Engine):
         if proposer is None and self.draft is not None:
             proposer = DraftModelProposer(CachedLM(self.draft), self.device)
         self.proposer = proposer
+        # Plain and speculative decoding alike: a baseline left on MKL's slow few-row path would
+        # flatter every draft (skinny_linear.py says why and by how much).
+        from deepspec_plugin.bench.engines.skinny_linear import use_skinny_linears
+
+        modules = [self.target, self.draft, *(vars(proposer).values() if proposer else ())]
+        self.skinny_linears = sum(use_skinny_linears(m, skinny_linears) for m in modules
+                                  if isinstance(m, torch.nn.Module)) > 0
 
     @classmethod
     def from_paths(
         cls, target: Path, draft: Path | None = None, device: str = "cpu", dtype: str = "float32",
-        draft_sample_method: str = "probabilistic",
+        draft_sample_method: str = "probabilistic", skinny_linears: bool = True,
     ) -> ReferenceEngine:
         from deepspec_plugin.models import check_pair, load_causal_lm
         from deepspec_plugin.models.files import head_draft_kind, is_eagle3_dir
@@ -123,7 +130,7 @@ class ReferenceEngine(Engine):
             target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
             head = load_head(draft, target_model, device=device).to(target_model.dtype)
             return cls(target_model, None, device=device, proposer=Eagle3Proposer(head, device),
-                       draft_sample_method=draft_sample_method)
+                       draft_sample_method=draft_sample_method, skinny_linears=skinny_linears)
         if draft is not None:
             check_pair(Path(target), Path(draft))
         if draft is not None and head_draft_kind(draft) is not None:
@@ -135,11 +142,11 @@ class ReferenceEngine(Engine):
             proposer = HeadProposer(heads, target_model.model.norm,
                                     target_model.config.num_hidden_layers, device)
             return cls(target_model, None, device=device, proposer=proposer,
-                       draft_sample_method=draft_sample_method)
+                       draft_sample_method=draft_sample_method, skinny_linears=skinny_linears)
         target_model = load_causal_lm(Path(target), device=device, dtype=dtype)
         draft_model = load_causal_lm(Path(draft), device=device, dtype=dtype) if draft else None
         return cls(target_model, draft_model, device=device,
-                   draft_sample_method=draft_sample_method)
+                   draft_sample_method=draft_sample_method, skinny_linears=skinny_linears)
 
     # --- the Engine interface ------------------------------------------------------------------
 
@@ -189,6 +196,7 @@ class ReferenceEngine(Engine):
             else None,
             "draft_type": self.draft_type,
             "draft_sample_method": self.draft_sample_method if self.proposer else None,
+            "linears": "skinny" if self.skinny_linears else "torch",
         }
 
     @property

@@ -217,6 +217,24 @@ def speedup_at_length(tau: float, k: int, cost_ratio: float, verify_cost: float 
     return tau / step_cost(k, cost_ratio, verify_cost)
 
 
+def static_batch_acceptance_length(
+    new_tokens: int, decode_steps: int, baseline_new_tokens: int, baseline_decode_steps: int,
+) -> float | None:
+    """The acceptance length a static batch gets: its tokens per speculative step over its
+    tokens per plain step.
+
+    A static batch (the harness's) steps until its slowest row is done, so its decode steps are
+    its longest row's, not the mean row's: rows that accept less hold the others back, and
+    ``speedup_at_length`` of this, not of the pooled tau, predicts its speedup. At batch size 1
+    (greedy) it is tau, but for the tokens a length limit cuts from the last pass. A
+    continuously batched server (vLLM) refills a finished row's slot at once, so live the
+    pooled tau applies. Steps count decoding passes, prefill excluded.
+    """
+    if min(new_tokens, decode_steps, baseline_new_tokens, baseline_decode_steps) <= 0:
+        return None
+    return (new_tokens / decode_steps) / (baseline_new_tokens / baseline_decode_steps)
+
+
 def step_cost(k: int, cost_ratio: float, verify_cost: float = 1.0) -> float:
     """One speculative step (k draft steps, one verification) in plain target steps: k c + v."""
     if cost_ratio < 0 or not verify_cost > 0:

@@ -24,12 +24,14 @@ ENTRY_KEYS = {
     "num_draft_tokens", "num_accepted_tokens", "accepted_per_position", "acceptance_rate",
     "acceptance_length", "position_acceptance", "conditional_position_acceptance", "per_request",
     "alpha", "cost_ratio", "cost_ratio_source", "verify_cost", "verify_cost_source",
-    "predicted_speedup", "break_even_acceptance_rate", "break_even_alpha", "tokens_per_s",
+    "predicted_speedup", "static_batch_acceptance_length", "static_batch_predicted_speedup",
+    "break_even_acceptance_rate", "break_even_alpha", "tokens_per_s",
     "tokens_per_s_baseline", "speedup", "speedup_note", "ci95", "units",
 }
 UNIT_KEYS = {
     "category", "seed", "prompts", "counts", "request_counts", "new_tokens", "elapsed_s",
-    "baseline_new_tokens", "baseline_elapsed_s", "draft_step_s", "target_step_s",
+    "baseline_new_tokens", "baseline_elapsed_s", "decode_steps", "baseline_decode_steps",
+    "draft_step_s", "target_step_s",
     "plain_step_s", "verify_step_s",
 }
 
@@ -174,6 +176,22 @@ def test_pooled_numbers_are_the_units_and_metrics_recomputed(run):
             entry["acceptance_length"], entry["k"], entry["cost_ratio"], entry["verify_cost"])
         assert entry["break_even_acceptance_rate"] == metrics.break_even_acceptance_rate(
             entry["k"], entry["cost_ratio"], entry["verify_cost"])
+        # At batch size 1 a unit's decode steps are its drafts (speculative) and its tokens
+        # after each turn's first (plain); greedy, the static-batch tau is tau but for the
+        # tokens the length limit cut from a turn's last pass.
+        assert all(u["decode_steps"] == u["counts"]["num_drafts"] for u in units)
+        assert entry["static_batch_acceptance_length"] == metrics.static_batch_acceptance_length(
+            *(sum(u[key] for u in units) for key in (
+                "new_tokens", "decode_steps", "baseline_new_tokens", "baseline_decode_steps")))
+        assert entry["static_batch_predicted_speedup"] == pytest.approx(metrics.speedup_at_length(
+            entry["static_batch_acceptance_length"], entry["k"], entry["cost_ratio"],
+            entry["verify_cost"]))
+        if entry["temperature"] == 0:
+            for u in units:
+                produced = u["counts"]["num_accepted_tokens"] + u["counts"]["num_drafts"]
+                assert u["baseline_new_tokens"] == u["new_tokens"]
+                assert produced - 2 * 2 <= u["baseline_decode_steps"] <= produced  # k = 2, 2 turns
+            assert entry["static_batch_acceptance_length"] <= entry["acceptance_length"]
         requests = [SpecCounts.from_dict(r) for u in units for r in u["request_counts"]]
         assert entry["per_request"] == metrics.per_request_means(requests)
         tps = sum(u["new_tokens"] for u in units) / sum(u["elapsed_s"] for u in units)
@@ -222,6 +240,29 @@ def test_the_manifest_baseline_carries_the_measured_costs(run, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(DspecError, match="baseline is malformed"):
         read_manifest(tmp_path / "bad.json")
+
+
+def test_a_static_batch_steps_as_long_as_its_slowest_row(engine, tokenizer):
+    """A batch's decode steps are its longest row's: the most drafts of its rows (speculative),
+    the most tokens after the first (plain), summed over turns."""
+    from deepspec_plugin.bench.engines.base import GenerationConfig
+    from deepspec_plugin.bench.run import play_unit
+
+    prompts = [["Write a haiku about the sea."], ["List three prime numbers and explain why."],
+               ["Hi"]]
+    played = {}
+    for k in (None, 3):
+        cfg = GenerationConfig(max_new_tokens=24, k=k, stop_token_ids=(0,))
+        unit = play_unit(engine, tokenizer, prompts, cfg, max_turns=1, chat_template=False)
+        played[k] = unit
+    spec, plain = played[3], played[None]
+    assert spec.decode_steps == max(c.num_drafts for c in spec.request_counts)
+    assert spec.decode_steps < sum(c.num_drafts for c in spec.request_counts)
+    assert plain.decode_steps == 24 - 1  # no row stops before the limit (stop id 0 is unused)
+    static = metrics.static_batch_acceptance_length(
+        spec.new_tokens, spec.decode_steps, plain.new_tokens, plain.decode_steps)
+    assert static == pytest.approx(23 / spec.decode_steps)  # the same tokens, greedy
+    assert static <= metrics.acceptance_length(spec.counts) + 1e-12
 
 
 def test_multi_turn_units_and_shared_baselines(run):

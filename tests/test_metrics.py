@@ -110,6 +110,14 @@ def test_predicted_speedup_with_the_verification_cost():
         metrics.speedup_at_length(2.0, 3, 0.05, 0.0)
 
 
+def test_static_batch_acceptance_length_is_tokens_per_step_over_plain_decodings():
+    # Batch 1, greedy: 40 tokens in 13 passes (39 after the prefill's token in plain) is tau.
+    assert metrics.static_batch_acceptance_length(40, 13, 40, 39) == pytest.approx(39 / 13)
+    # Batch 4: the slowest row takes 20 passes for 4 x 40 tokens; plain takes 39 for the same.
+    assert metrics.static_batch_acceptance_length(160, 20, 160, 39) == pytest.approx(1.95)
+    assert metrics.static_batch_acceptance_length(160, 0, 160, 39) is None
+
+
 def test_break_even_is_where_the_predicted_speedup_is_one():
     k, c, v = 3, 0.05, 1.3
     rate = metrics.break_even_acceptance_rate(k, c, v)

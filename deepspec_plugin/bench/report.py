@@ -116,7 +116,9 @@ def _entry_rows(entries: list[ReportEntry]) -> list[dict[str, str]]:
             "tau [95% CI]": _with_ci(e, "acceptance_length", 2),
             "acceptance [95% CI]": _with_ci(e, "acceptance_rate"),
             "speedup [95% CI]": _with_ci(e, "speedup", 2),
-            "predicted": _num(e.predicted_speedup, 2),
+            "predicted": _num(e.predicted_speedup, 2) + (
+                f" ({e.static_batch_predicted_speedup:.2f} static)"
+                if e.batch_size > 1 and e.static_batch_predicted_speedup is not None else ""),
             "c / v": (f"{e.cost_ratio:.3f} / {e.verify_cost:.2f}"
                       if e.cost_ratio is not None and e.verify_cost is not None else "-"),
             "break-even acceptance": _num(e.break_even_acceptance_rate),
@@ -178,7 +180,9 @@ def render_markdown(report: EvalReport, out_dir: str | Path | None = None) -> st
         "pass (acceptance length); acceptance: accepted / proposed draft tokens; speedup: "
         "tokens/s with the draft over plain decoding, measured in the same run; predicted: "
         "tau / (k c + v), c the cost ratio (draft step / plain target step), v the "
-        "verification cost (target pass over k + 1 tokens / over one); break-even acceptance: "
+        "verification cost (target pass over k + 1 tokens / over one); at batch size > 1, in "
+        "brackets, the same for these static batches, which step until their slowest row is "
+        "done (tau of their tokens per step over plain decoding's); break-even acceptance: "
         "the acceptance rate at which predicted speedup is 1. Intervals: 95% bootstrap over units "
         "(none from a single unit). "
         f"Definitions: {_metrics_link(out_dir)}.", "",

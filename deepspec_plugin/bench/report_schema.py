@@ -138,6 +138,10 @@ class ReportEntry:
     verify_cost: float | None = None
     verify_cost_source: str | None = None
     predicted_speedup: float | None = None
+    # The same for the harness's static batches: their acceptance length (tokens per step over
+    # plain decoding's, the slowest row's steps) over k c + v. Equal at batch size 1 (greedy).
+    static_batch_acceptance_length: float | None = None
+    static_batch_predicted_speedup: float | None = None
     break_even_acceptance_rate: float | None = None
     break_even_alpha: float | None = None
     # Measured speed: speculative, plain decoding, and their ratio (or why there is none).
@@ -183,6 +187,8 @@ class ReportEntry:
             "verify_cost": self.verify_cost,
             "verify_cost_source": self.verify_cost_source,
             "predicted_speedup": self.predicted_speedup,
+            "static_batch_acceptance_length": self.static_batch_acceptance_length,
+            "static_batch_predicted_speedup": self.static_batch_predicted_speedup,
             "break_even_acceptance_rate": self.break_even_acceptance_rate,
             "break_even_alpha": self.break_even_alpha,
             "new_tokens": self.new_tokens,
@@ -231,6 +237,8 @@ class ReportEntry:
             verify_cost=d.get("verify_cost"),
             verify_cost_source=d.get("verify_cost_source"),
             predicted_speedup=d.get("predicted_speedup"),
+            static_batch_acceptance_length=d.get("static_batch_acceptance_length"),
+            static_batch_predicted_speedup=d.get("static_batch_predicted_speedup"),
             break_even_acceptance_rate=d.get("break_even_acceptance_rate"),
             break_even_alpha=d.get("break_even_alpha"),
             new_tokens=d.get("new_tokens"),

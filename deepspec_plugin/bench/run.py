@@ -171,9 +171,13 @@ class PlayedUnit:
     target_step_s: list[float] = field(default_factory=list)
     verify_step_s: list[float] = field(default_factory=list)
     answers: list[list[str]] = field(default_factory=list)
+    # Decoding passes of the batch, summed over turns: its longest row's steps (plain: its
+    # tokens after the first; speculative: its drafts). None where rows have no counts.
+    decode_steps: int | None = 0
 
-    def add(self, result: BatchResult, per_request: bool) -> None:
+    def add(self, result: BatchResult, per_request: bool, plain: bool = False) -> None:
         self.new_tokens += result.num_new_tokens
+        self.decode_steps = _add_steps(self.decode_steps, result, per_request, plain)
         self.elapsed_s += result.elapsed_s
         self.counts.add(result.counts)
         if self.request_counts is not None:
@@ -209,10 +213,22 @@ def play_unit(
                 f"engine {engine.name} returned {len(result.generations)} generations "
                 f"for {len(active)} prompts"
             )
-        unit.add(result, engine.per_request_counts and cfg.k is not None)
+        unit.add(result, engine.per_request_counts and cfg.k is not None, plain=cfg.k is None)
         for i, gen in zip(active, result.generations):
             unit.answers[i].append(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
     return unit
+
+
+def _add_steps(steps: int | None, result: BatchResult, per_request: bool,
+               plain: bool) -> int | None:
+    gens = result.generations
+    if steps is None or not gens:
+        return steps
+    if plain:
+        return steps + max(max(len(g.token_ids) for g in gens) - 1, 0)
+    if per_request and all(g.counts is not None for g in gens):
+        return steps + max(g.counts.num_drafts for g in gens)
+    return None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -236,8 +252,10 @@ def unit_record(
         ),
         "new_tokens": spec_run.new_tokens,
         "elapsed_s": spec_run.elapsed_s,
+        "decode_steps": spec_run.decode_steps,
         "baseline_new_tokens": base_run.new_tokens if base_run else None,
         "baseline_elapsed_s": base_run.elapsed_s if base_run else None,
+        "baseline_decode_steps": base_run.decode_steps if base_run else None,
         "draft_step_s": _mean(spec_run.draft_step_s),
         "target_step_s": _mean(
             spec_run.target_step_s + (base_run.target_step_s if base_run else [])
@@ -275,6 +293,9 @@ def summarize_entry(
             predicted = metrics.speedup_at_length(tau, k, cost_ratio, verify_cost)
         break_even_rate = metrics.break_even_acceptance_rate(k, cost_ratio, verify_cost)
         break_even_alpha = metrics.break_even_alpha(k, cost_ratio, verify_cost)
+    static_tau = _static_batch_acceptance_length(units)
+    static_predicted = (metrics.speedup_at_length(static_tau, k, cost_ratio, verify_cost)
+                        if static_tau is not None and cost_ratio is not None else None)
 
     new_tokens = sum(u["new_tokens"] for u in units)
     elapsed = sum(u["elapsed_s"] for u in units)
@@ -316,6 +337,8 @@ def summarize_entry(
         verify_cost=verify_cost,
         verify_cost_source=verify_source,
         predicted_speedup=predicted,
+        static_batch_acceptance_length=static_tau,
+        static_batch_predicted_speedup=static_predicted,
         break_even_acceptance_rate=break_even_rate,
         break_even_alpha=break_even_alpha,
         new_tokens=new_tokens,
@@ -333,6 +356,13 @@ def summarize_entry(
 
 def _unit_mean(units: list[dict], key: str) -> float | None:
     return _mean([u[key] for u in units if u.get(key) is not None])
+
+
+def _static_batch_acceptance_length(units: list[dict]) -> float | None:
+    keys = ("new_tokens", "decode_steps", "baseline_new_tokens", "baseline_decode_steps")
+    if not units or any(u.get(key) is None for u in units for key in keys):
+        return None
+    return metrics.static_batch_acceptance_length(*(sum(u[key] for u in units) for key in keys))
 
 
 def _cost_ratio(units: list[dict], models_info: ReportModels) -> tuple[float | None, str]:

@@ -175,13 +175,16 @@ class PlayedUnit:
     # tokens after the first; speculative: its drafts). None where rows have no counts.
     decode_steps: int | None = 0
 
-    def add(self, result: BatchResult, per_request: bool, plain: bool = False) -> None:
+    def add(self, result: BatchResult, *, plain: bool, per_request_counts: bool) -> None:
+        """Add one generate call; ``per_request_counts``: the engine's per-row counts are exact."""
+        per_row = (not plain and per_request_counts
+                   and all(g.counts is not None for g in result.generations))
         self.new_tokens += result.num_new_tokens
-        self.decode_steps = _add_steps(self.decode_steps, result, per_request, plain)
+        self.decode_steps = _add_steps(self.decode_steps, result, plain, per_row)
         self.elapsed_s += result.elapsed_s
         self.counts.add(result.counts)
         if self.request_counts is not None:
-            if per_request and all(g.counts is not None for g in result.generations):
+            if per_row:
                 self.request_counts.extend(g.counts for g in result.generations)
             else:
                 self.request_counts = None
@@ -213,22 +216,19 @@ def play_unit(
                 f"engine {engine.name} returned {len(result.generations)} generations "
                 f"for {len(active)} prompts"
             )
-        unit.add(result, engine.per_request_counts and cfg.k is not None, plain=cfg.k is None)
+        unit.add(result, plain=cfg.k is None, per_request_counts=engine.per_request_counts)
         for i, gen in zip(active, result.generations):
             unit.answers[i].append(tokenizer.decode(gen.token_ids, skip_special_tokens=True))
     return unit
 
 
-def _add_steps(steps: int | None, result: BatchResult, per_request: bool,
-               plain: bool) -> int | None:
+def _add_steps(steps: int | None, result: BatchResult, plain: bool, per_row: bool) -> int | None:
     gens = result.generations
     if steps is None or not gens:
         return steps
     if plain:
         return steps + max(max(len(g.token_ids) for g in gens) - 1, 0)
-    if per_request and all(g.counts is not None for g in gens):
-        return steps + max(g.counts.num_drafts for g in gens)
-    return None
+    return steps + max(g.counts.num_drafts for g in gens) if per_row else None
 
 
 def _mean(xs: list[float]) -> float | None:

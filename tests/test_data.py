@@ -113,6 +113,46 @@ def test_greedy_responses_match_reference_engine(tiny, full_run):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_signal_from_generation_equals_a_teacher_forward(tiny, temperature):
+    """The signal recorded from the engine's own forwards (left-padded, cached, rows leaving the
+    batch) is the one a teacher-forced forward over the finished sequences gives."""
+    import torch
+
+    from deepspec_plugin.bench.engines.base import GenerationConfig
+    from deepspec_plugin.bench.engines.reference import ReferenceEngine
+    from deepspec_plugin.bench.prompts import format_turns
+    from deepspec_plugin.models import load_causal_lm, load_tokenizer
+    from deepspec_plugin.train.data import _SignalRecorder, _teacher_signal
+
+    tok = load_tokenizer(tiny.target)
+    model = load_causal_lm(tiny.target)
+    engine = ReferenceEngine(model)
+    contexts = [format_turns(tok, p[:1], [], True) for p in PROMPTS]
+    assert len({len(c) for c in contexts}) > 1  # padding is exercised
+    cfg = GenerationConfig(max_new_tokens=12, temperature=temperature, seed=3)
+    first = engine.generate(contexts, cfg).generations[0].token_ids
+    # A stop token that row 0 meets early, so rows leave the batch at different steps.
+    cfg = GenerationConfig(max_new_tokens=12, temperature=temperature, seed=3,
+                           stop_token_ids=(first[2],))
+    recorder = _SignalRecorder(len(contexts), temperature, 16)
+    responses = [g.token_ids for g in
+                 engine.generate(contexts, cfg, on_logits=recorder).generations]
+    assert len({len(r) for r in responses}) > 1
+    recorded = [recorder.signal(i, len(r)) for i, r in enumerate(responses)]
+    forward = _teacher_signal(model, [c + r for c, r in zip(contexts, responses)],
+                              [len(c) for c in contexts], temperature, 16)
+    for (ids, probs, left), (f_ids, f_probs, f_left) in zip(recorded, forward):
+        assert ids.shape == f_ids.shape and probs.dtype == torch.float16
+        assert (probs.float() - f_probs.float()).abs().max() < 2e-3
+        assert (left - f_left).abs().max() < 2e-3
+        # The same tokens, but for near-ties, which may swap order under float rounding.
+        assert (ids == f_ids).float().mean() > 0.95
+    with pytest.raises(DspecError, match="plain decoding only"):
+        engine.generate(contexts[:1], GenerationConfig(max_new_tokens=2, k=2),
+                        on_logits=recorder)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_kill_and_resume_equals_uninterrupted(tiny, full_run, prompt_file, tmp_path, temperature):
     settings = {**SETTINGS, "temperature": temperature}
     if temperature:  # sampled: seeds are fixed by position, so a resume samples the same tokens

@@ -8,8 +8,9 @@ each turn's context holding the target's earlier answers) and stores, per turn, 
 * ``loss_mask``: 1 exactly over the response tokens (the stop token that ended it included);
 * the target's top-k next-token probabilities at every response token (``topk_ids`` [n, K] int32,
   ``topk_probs`` [n, K] float16, sorted descending) and the ``leftover`` mass outside the top-k
-  (float32). They come from ONE teacher-forced forward of the target over the finished sequence,
-  which gives exactly the distributions the tokens were sampled from, and keeps sampling simple.
+  (float32). They are the distributions the tokens were sampled from: the generating forwards'
+  own logits, or, for responses an endpoint wrote, one teacher-forced forward of the target over
+  the finished sequence (the same distributions, to float rounding).
   The distributions are taken at the sampling temperature; at temperature 0 (greedy) the
   temperature-1 distributions are stored, since a one-hot argmax would carry no signal.
 
@@ -239,12 +240,25 @@ def _prepare_out(out: Path, fresh: DataManifest, overwrite: bool) -> DataManifes
     return fresh
 
 
+def _topk_signal(logits, temperature: float, topk: int):
+    """(ids [R, K] int32, probs [R, K] float16, leftover [R] float32) of next-token logits [R, V],
+    at the sampling temperature (temperature 1 when greedy: see the module doc)."""
+    import torch
+
+    probs = torch.softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
+    top = torch.topk(probs, k=topk, dim=-1, sorted=True)
+    leftover = (1.0 - top.values.sum(-1)).clamp_min(0.0)
+    return (top.indices.to(torch.int32).cpu(), top.values.to(torch.float16).cpu(),
+            leftover.to(torch.float32).cpu())
+
+
 def _teacher_signal(model, sequences: list[list[int]], starts: list[int], temperature: float,
                     topk: int):
     """Top-k next-token probabilities of the target at each response token, in one forward.
 
-    Right padding keeps every real position exact under causal attention (a token never sees the
-    padding after it). Returns per sample (ids [R, K] int32, probs [R, K] float16, leftover [R]).
+    For responses written elsewhere (an endpoint); the local engine's own logits serve otherwise
+    (`_SignalRecorder`). Right padding keeps every real position exact under causal attention (a
+    token never sees the padding after it). Returns per sample (ids, probs, leftover).
     """
     import torch
 
@@ -255,17 +269,37 @@ def _teacher_signal(model, sequences: list[list[int]], starts: list[int], temper
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    scale = temperature if temperature > 0 else 1.0
-    out = []
-    for i, (s, start) in enumerate(zip(sequences, starts)):
-        # Logits at position p predict token p + 1: response tokens start..len-1.
-        probs = torch.softmax(logits[i, start - 1 : len(s) - 1] / scale, dim=-1)
-        top = torch.topk(probs, k=topk, dim=-1, sorted=True)
-        leftover = (1.0 - top.values.sum(-1)).clamp_min(0.0)
-        out.append((top.indices.to(torch.int32).cpu(), top.values.to(torch.float16).cpu(),
-                    leftover.to(torch.float32).cpu()))
-    return out
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    # Logits at position p predict token p + 1: response tokens start..len-1.
+    return [_topk_signal(logits[i, start - 1 : len(s) - 1], temperature, topk)
+            for i, (s, start) in enumerate(zip(sequences, starts))]
+
+
+class _SignalRecorder:
+    """The top-k signal taken from the generating engine's own logits (``on_logits``).
+
+    Each forward of plain decoding gives the distribution its next token is drawn from, so the
+    signal costs no second forward over the finished sequences (which took about 40% of data
+    generation here: benchmarks/data_generation.py).
+    """
+
+    def __init__(self, rows: int, temperature: float, topk: int):
+        self.temperature, self.topk = temperature, topk
+        self.parts: list[list[tuple]] = [[] for _ in range(rows)]
+
+    def __call__(self, rows: list[int], logits) -> None:
+        ids, probs, leftover = _topk_signal(logits, self.temperature, self.topk)
+        for i, row in enumerate(rows):
+            self.parts[row].append((ids[i], probs[i], leftover[i]))
+
+    def signal(self, row: int, length: int):
+        """(ids, probs, leftover) of ``row``'s ``length`` response tokens."""
+        import torch
+
+        parts = self.parts[row]
+        if len(parts) != length:  # one forward per token: anything else is a bug, never data
+            raise RuntimeError(f"{len(parts)} logits recorded for {length} tokens")
+        return tuple(torch.stack([p[j] for p in parts]) for j in range(3))
 
 
 def _batch_seed(seed: int, shard: int, batch: int, turn: int) -> int:
@@ -278,6 +312,7 @@ def _generate_shard(engine, model, tokenizer, prompts: list[list[str]], first_in
                     shard: int, cfg: dict[str, Any], stop_ids: tuple[int, ...], on_tokens):
     """Samples (dicts of tensors) for one shard's prompts, in prompt then turn order."""
     from deepspec_plugin.bench.engines.base import GenerationConfig
+    from deepspec_plugin.bench.engines.reference import ReferenceEngine
     from deepspec_plugin.bench.prompts import format_turns
 
     samples = []
@@ -301,11 +336,17 @@ def _generate_shard(engine, model, tokenizer, prompts: list[list[str]], first_in
                 seed=_batch_seed(cfg["seed"], shard, b, turn),
                 stop_token_ids=stop_ids,
             )
-            result = engine.generate(contexts, gen_cfg)
-            responses = [g.token_ids for g in result.generations]
-            sequences = [c + r for c, r in zip(contexts, responses)]
-            signal = _teacher_signal(model, sequences, [len(c) for c in contexts],
-                                     cfg["temperature"], cfg["topk"])
+            if isinstance(engine, ReferenceEngine):
+                recorder = _SignalRecorder(len(contexts), cfg["temperature"], cfg["topk"])
+                result = engine.generate(contexts, gen_cfg, on_logits=recorder)
+                responses = [g.token_ids for g in result.generations]
+                signal = [recorder.signal(i, len(r)) for i, r in enumerate(responses)]
+            else:
+                result = engine.generate(contexts, gen_cfg)
+                responses = [g.token_ids for g in result.generations]
+                sequences = [c + r for c, r in zip(contexts, responses)]
+                signal = _teacher_signal(model, sequences, [len(c) for c in contexts],
+                                         cfg["temperature"], cfg["topk"])
             for i, ctx, resp, (tids, tprobs, left) in zip(rows, contexts, responses, signal):
                 answers[i].append(tokenizer.decode(resp, skip_special_tokens=True))
                 per_prompt[i].append({

@@ -42,7 +42,9 @@ shorter than the sequence are therefore not exact here in batches (batch size 1 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from deepspec_plugin.bench.engines.base import (
     BatchResult,
@@ -150,9 +152,17 @@ class ReferenceEngine(Engine):
 
     # --- the Engine interface ------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], cfg: GenerationConfig) -> BatchResult:
+    def generate(self, prompts: list[list[int]], cfg: GenerationConfig,
+                 on_logits: Callable[[list[int], Any], None] | None = None) -> BatchResult:
+        """Decode ``prompts`` under ``cfg``. ``on_logits(rows, logits)``, plain decoding only,
+        sees every forward's next-token logits (``[len(rows), V]``, before temperature) for the
+        prompts ``rows``: exactly one per output token, the distribution it was drawn from
+        (training data takes its signal from them instead of a second forward)."""
         import torch
 
+        if on_logits is not None and cfg.k is not None:
+            raise DspecError("on_logits observes plain decoding only",
+                             "pass k=None, or drop on_logits")
         self._check(prompts, cfg)
         requests = [_Request(cfg) for _ in prompts]
         with torch.inference_mode():
@@ -163,7 +173,7 @@ class ReferenceEngine(Engine):
             timer = StepTimer(self.device)
             verify_timer = StepTimer(self.device, widths=(cfg.k + 1,)) if cfg.k else None
             if cfg.k is None:
-                self._plain(prompts, cfg, requests, generator, timer)
+                self._plain(prompts, cfg, requests, generator, timer, on_logits)
             else:
                 self._speculative(prompts, cfg, requests, generator, timer, verify_timer)
             self._sync()
@@ -219,7 +229,7 @@ class ReferenceEngine(Engine):
 
     # --- decoding ------------------------------------------------------------------------------
 
-    def _plain(self, prompts, cfg, requests, generator, timer) -> None:
+    def _plain(self, prompts, cfg, requests, generator, timer, on_logits=None) -> None:
         """Decode the target alone; times each single-token step."""
         import torch
 
@@ -231,8 +241,10 @@ class ReferenceEngine(Engine):
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         logits = self._target.forward(ids, masks, positions, cache, keep=1)[:, -1]
         num_valid = mask.sum(-1, keepdim=True)  # the position of the next input token
-        token = sample_from_logits(logits, cfg.temperature, generator)
         active = list(range(len(prompts)))
+        if on_logits is not None:
+            on_logits(active, logits)
+        token = sample_from_logits(logits, cfg.temperature, generator)
         while True:
             for row, t in zip(active, token.tolist()):
                 requests[row].extend([t])
@@ -250,6 +262,8 @@ class ReferenceEngine(Engine):
             logits = self._target.forward(token[:, None], masks, num_valid, cache, keep=1)
             timer.stop(started)
             num_valid = num_valid + 1
+            if on_logits is not None:
+                on_logits(active, logits[:, -1])
             token = sample_from_logits(logits[:, -1], cfg.temperature, generator)
 
     def _speculative(self, prompts, cfg, requests, generator, timer, verify_timer) -> None:

@@ -279,8 +279,8 @@ class _SignalRecorder:
     """The top-k signal taken from the generating engine's own logits (``on_logits``).
 
     Each forward of plain decoding gives the distribution its next token is drawn from, so the
-    signal costs no second forward over the finished sequences (which took about 40% of data
-    generation here: benchmarks/data_generation.py).
+    signal costs no second forward over the finished sequences (which took 44-50% of data
+    generation's time here: benchmarks/data_generation.py).
     """
 
     def __init__(self, rows: int, temperature: float, topk: int):
